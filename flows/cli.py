@@ -1,0 +1,112 @@
+"""The `llmops` command: run the pipeline flow, run one stage (what dvc.yaml calls), open the MLflow UI."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may phone home, and these must be set before any of the libraries is imported.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TOKENIZERS_PARALLELISM": "true",
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from tasks.common.errors import LlmopsError  # noqa: E402
+
+app = typer.Typer(
+    help="llmops: data -> training -> evaluation -> serving, versioned by DVC, tracked by MLflow, orchestrated by Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(exc: LlmopsError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def run(
+    from_stage: Annotated[str | None, typer.Option("--from", help="First stage to run (default: the first in dvc.yaml).")] = None,
+    to_stage: Annotated[str | None, typer.Option("--to", help="Last stage to run (default: the last).")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a param for this run, e.g. --set dedup.threshold=0.8 (written to params.yaml so DVC sees it).")
+    ] = None,
+    repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+) -> None:
+    """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date."""
+    try:
+        from flows.pipeline import pipeline
+
+        result = pipeline(from_stage=from_stage, to_stage=to_stage, overrides=overrides or [], repo_dir=str(repo))
+    except LlmopsError as exc:
+        _fail(exc)
+    from tasks.common.config import load_params
+    from tasks.common.tracking import tracking_uri
+
+    params = load_params(repo / "params.yaml")
+    ran = [s for s, r in result["stages"].items() if not r["cached"]]
+    cached = [s for s, r in result["stages"].items() if r["cached"]]
+    console.print(f"\n[bold green]pipeline done[/]: ran {', '.join(ran) or 'nothing'}; up to date: {', '.join(cached) or 'none'}")
+    if result["accounting"]:
+        a = result["accounting"]
+        console.print(f"records: {a['records_in']} in = {a['kept']} kept + {a['quarantined']} quarantined + {a['duplicates']} duplicates")
+    console.print(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, repo)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
+    console.print(f"outputs: {params.paths.raw}, {params.paths.validated}, {params.paths.quarantine}, {params.paths.dedup}, {params.paths.duplicates}, {params.paths.tokens}, {params.paths.tokenizer}")
+    console.print(f"metrics: `dvc metrics show` ({params.paths.metrics}/*.json); Data Docs: {params.paths.reports}/validate/data_docs/index.html")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage name from dvc.yaml, e.g. ingest, validate, dedup, tokenize.")],
+    params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
+    track: Annotated[bool, typer.Option(help="Log the stage to MLflow.")] = True,
+) -> None:
+    """Run one stage in-process (this is what dvc.yaml calls); prefer `dvc repro` or `llmops run`."""
+    try:
+        from tasks.common.config import load_params
+        from tasks.stages import run_stage
+
+        result = run_stage(name, load_params(params_file), track=track)
+    except LlmopsError as exc:
+        _fail(exc)
+    console.print(result.summary)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
+) -> None:
+    """Start the MLflow UI on the project's tracking store."""
+    from tasks.common.config import load_params
+    from tasks.common.tracking import tracking_uri
+
+    params = load_params(params_file)
+    uri = tracking_uri(params.tracking)
+    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
+
+
+if __name__ == "__main__":
+    app()

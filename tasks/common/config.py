@@ -1,0 +1,203 @@
+"""params.yaml as typed pydantic models: one section per stage, a YAML key is a field of the same name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.common.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    # Unknown keys fail fast: a typo in params.yaml must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    """Where each stage reads and writes, relative to the repository root; dvc.yaml templates these."""
+
+    raw: str = "data/raw"
+    validated: str = "data/validated"
+    quarantine: str = "data/quarantine"
+    dedup: str = "data/dedup"
+    duplicates: str = "data/duplicates"
+    tokens: str = "data/tokens"
+    tokenizer: str = "models/tokenizer"
+    reports: str = "reports"
+    metrics: str = "metrics"
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins (shared servers)
+    artifact_root: str = "mlartifacts"
+    experiment: str = "llmops"
+
+
+class PipelineConfig(Section):
+    push: bool = True  # `dvc push` to the default remote after a successful run
+    stage_retries: int = Field(0, ge=0)  # stage logic is deterministic: retrying a failure repeats it
+
+
+class ModelConfig(Section):
+    base: str = ""  # a local HF model directory; empty = pretrain from scratch with our own tokenizer
+
+
+class IngestConfig(Section):
+    source: str | list[str] = ""  # path, glob, .jsonl, .parquet, HF dataset dir; "" = Python stdlib source
+    text_field: str = "text"  # column/key that holds the text in JSONL, Parquet and HF datasets
+    id_field: str = "id"  # column/key with a stable id; absent = derived from source path + row
+    file_glob: str = "**/*.py"  # files taken when `source` is a directory
+    max_file_bytes: int = Field(50_000_000, gt=0)  # larger files are skipped and listed, not read
+    shard_max_bytes: int = Field(16_000_000, gt=0)
+
+
+class ValidateConfig(Section):
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(2_000_000, gt=0)
+    max_line_chars: int = Field(10_000, gt=0)
+    max_control_char_ratio: float = Field(0.001, ge=0, le=1)  # control chars other than \t \n \r \f
+    min_alnum_ratio: float = Field(0.05, ge=0, le=1)
+    min_pass_rate: float = Field(0.95, ge=0, le=1)
+    shard_max_bytes: int = Field(16_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+        return self
+
+
+class DedupConfig(Section):
+    engine: Literal["rensa", "datasketch"] = "rensa"
+    threshold: float = Field(0.7, gt=0, le=1)  # Jaccard similarity above which two docs are near-duplicates
+    shingle_words: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=16)
+    seed: int = 1
+    workers: int = Field(0, ge=0)  # 0 = one per CPU core
+    shard_max_bytes: int = Field(16_000_000, gt=0)
+
+
+class TokenizeConfig(Section):
+    vocab_size: int = Field(8192, ge=260)
+    min_frequency: int = Field(2, ge=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    split_seed: int = 0
+    batch_docs: int = Field(256, ge=1)
+    length_histogram_bins: int = Field(32, ge=4)
+
+
+class Params(Section):
+    paths: PathsConfig = PathsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+    # `validate` would shadow a pydantic BaseModel method, so the field is `validate_` with the YAML key as alias.
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    dedup: DedupConfig = DedupConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return model
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; every error names the key path, the rule, and the allowed keys."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(_allowed_keys(_model_at(err["loc"])))
+                lines.append(f"{source}: unknown key '{key}'. Allowed keys here: {allowed}")
+            else:
+                lines.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], value parsed as a YAML scalar, so 0.5 is a float and true a bool)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set dedup.threshold=0.8")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each KEY.PATH=VALUE applied (validation happens in parse_params)."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(path: Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found. Run from the repository root, or pass --params PATH.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Write --set overrides into params.yaml, keeping its comments, so DVC sees the new params.
+
+    This is what `dvc exp run --set-param` does too: DVC tracks params by file content.
+    """
+    from ruamel.yaml import YAML
+
+    from tasks.common.io import atomic_write_bytes
+
+    load_params(path, overrides)  # validate first: never write a params.yaml that does not load
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    doc = ryaml.load(Path(path).read_text())
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = doc
+        for part in parts[:-1]:
+            if part not in node:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    import io
+
+    buf = io.StringIO()
+    ryaml.dump(doc, buf)
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
