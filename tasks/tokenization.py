@@ -81,6 +81,9 @@ def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
     backend = tokenizer.backend_tokenizer
+    # Text that spells a special token ("<|endoftext|>" in a docstring) is data, not a document
+    # boundary: encode it as ordinary text so only the EOS we insert separates documents.
+    backend.encode_special_tokens = True
     batches = [texts[i : i + batch_docs] for i in range(0, len(texts), batch_docs)]
     for batch in progress(batches, desc=desc, unit="batch"):
         for enc in backend.encode_batch(batch, add_special_tokens=False):

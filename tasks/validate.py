@@ -66,6 +66,7 @@ def build_suite(cfg: ValidateConfig) -> list[Any]:
 def expectation_name(config: Any) -> str:
     """'expect_column_values_to_be_between(text_chars, min_value=1, max_value=2000000)'."""
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("column", "batch_id") and v is not None}
+    kwargs = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in kwargs.items()}
     args = ([config.kwargs["column"]] if "column" in config.kwargs else []) + [f"{k}={v}" for k, v in sorted(kwargs.items())]
     return f"{config.type}({', '.join(map(str, args))})"
 

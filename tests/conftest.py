@@ -1,0 +1,41 @@
+"""Shared fixtures: offline environment, no progress bars, and tiny corpora built in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from flows.cli import OFFLINE_ENV
+
+os.environ.update(OFFLINE_ENV)
+os.environ["LLMOPS_PROGRESS"] = "0"
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def random_document(rng: random.Random, vocabulary: list[str], words: int) -> str:
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+def perturb(rng: random.Random, text: str, vocabulary: list[str], fraction: float) -> str:
+    """Replace `fraction` of the words at random positions: a planted near duplicate."""
+    words = text.split()
+    for pos in rng.sample(range(len(words)), max(1, int(len(words) * fraction))):
+        words[pos] = rng.choice(vocabulary) + "x"
+    return " ".join(words)
+
+
+@pytest.fixture
+def vocabulary() -> list[str]:
+    rng = random.Random(7)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(3000)]

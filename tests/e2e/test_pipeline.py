@@ -1,0 +1,132 @@
+"""The four data stages through the Prefect flow in a temporary git+DVC repo, then `dvc repro` re-runs nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.ingest import stdlib_root
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+CORPUS_FILES = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:20]
+
+
+def sh(*cmd, cwd, env=None, check=True):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def make_corpus(root: Path) -> Path:
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for path in CORPUS_FILES:
+        shutil.copy(path, corpus / f"{path.parent.name}_{path.name}")
+    decoder = (corpus / "json_decoder.py").read_text()
+    (corpus / "decoder_copy.py").write_text(decoder + "\n\n")  # exact duplicate (trailing whitespace only)
+    (corpus / "decoder_edit.py").write_text(decoder.replace("def ", "def  ", 3).replace("return", "return  ", 2) + "\nX = 1\n")
+    (corpus / "empty.py").write_text("")  # quarantined
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    repo = root / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"]["source"] = str(make_corpus(root))
+    params["tokenize"]["vocab_size"] = 512
+    params["validate"]["min_pass_rate"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LLMOPS_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh("git", "init", "-q", cwd=repo)
+    sh("git", "config", "user.email", "t@example.com", cwd=repo)
+    sh("git", "config", "user.name", "test", cwd=repo)
+    sh(BIN / "dvc", "init", "-q", cwd=repo, env=env)
+    sh(BIN / "dvc", "remote", "add", "-d", "local", str(root / "remote"), cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "init", cwd=repo)
+    run = sh(BIN / "llmops", "run", cwd=repo, env=env)
+    return repo, root, env, run
+
+
+def metrics(repo: Path, stage: str) -> dict:
+    return json.loads((repo / "metrics" / f"{stage}.json").read_text())
+
+
+def mlflow_runs(repo: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmops")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_flow_runs_every_stage_and_the_records_add_up(repo):
+    repo, _, _, run = repo
+    assert "pipeline done" in run.stderr and "ran ingest, validate, dedup, tokenize" in run.stderr
+    ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
+    assert ingest["docs"] == len(CORPUS_FILES) + 3
+    assert validate["quarantined"] >= 1
+    assert dedup["exact_duplicates"] >= 1 and dedup["near_duplicates"] >= 1
+    assert ingest["docs"] == dedup["docs_out"] + validate["quarantined"] + dedup["exact_duplicates"] + dedup["near_duplicates"]
+    tokenize = metrics(repo, "tokenize")
+    assert tokenize["train_docs"] + tokenize["val_docs"] == dedup["docs_out"]
+
+
+def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(repo):
+    repo, _, _, _ = repo
+    client, runs = mlflow_runs(repo)
+    parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize"}
+    assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
+    assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    raw_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/raw")
+    inputs = children["validate"].inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("data/raw", raw_md5[:36])]
+    artifacts = {a.path for a in client.list_artifacts(children["validate"].info.run_id)}
+    assert {"data_docs", "metrics"} <= artifacts
+
+
+def test_outputs_are_pushed_to_the_default_dvc_remote(repo):
+    repo, root, env, _ = repo
+    assert any((root / "remote").rglob("*"))
+    status = sh(BIN / "dvc", "status", "--cloud", cwd=repo, env=env)
+    assert "are in sync" in status.stdout
+
+
+def test_dvc_repro_after_the_flow_reruns_nothing(repo):
+    repo, _, env, _ = repo
+    out = sh(BIN / "dvc", "repro", cwd=repo, env=env)
+    assert "Data and pipelines are up to date." in out.stdout
+    assert "Running stage" not in out.stdout
+
+
+def test_a_param_override_reruns_only_the_stages_downstream_of_it(repo):
+    repo, _, env, _ = repo
+    out = sh(BIN / "llmops", "run", "--set", "dedup.threshold=0.95", cwd=repo, env=env)
+    assert "up to date: ingest, validate" in out.stderr
+    assert yaml.safe_load((repo / "params.yaml").read_text())["dedup"]["threshold"] == 0.95
+    _, runs = mlflow_runs(repo)
+    latest = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"][-1]
+    assert latest.data.tags["llmops.stage.ingest"] == "cached"
+    assert latest.data.tags["llmops.stage.dedup"] == "ran"
+    assert latest.data.tags["llmops.overrides"] == "dedup.threshold=0.95"

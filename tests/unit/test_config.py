@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from tasks.common.config import Params, apply_overrides, load_params, parse_override, parse_params, write_overrides
+from tasks.common.errors import ConfigError
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def test_shipped_params_yaml_loads_and_matches_the_models():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw) == set(Params.model_fields) - {"validate_"} | {"validate"}
+    assert params.dedup.threshold == raw["dedup"]["threshold"]
+    assert params.validate_.min_pass_rate == raw["validate"]["min_pass_rate"]
+
+
+def test_unknown_key_names_the_key_path_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"dedup": {"treshold": 0.5}})
+    message = str(err.value)
+    assert "dedup.treshold" in message
+    assert "threshold" in message and "num_perm" in message
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown key 'pretrian'.*ingest"):
+        parse_params({"pretrian": {}})
+
+
+def test_mistyped_value_names_the_key_and_the_bad_value():
+    with pytest.raises(ConfigError, match=r"dedup\.num_perm.*'many'"):
+        parse_params({"dedup": {"num_perm": "many"}})
+
+
+def test_override_values_are_parsed_as_yaml_scalars():
+    assert parse_override("dedup.threshold=0.8") == (["dedup", "threshold"], 0.8)
+    assert parse_override("pipeline.push=false") == (["pipeline", "push"], False)
+    assert parse_override("ingest.source=/data/x.jsonl") == (["ingest", "source"], "/data/x.jsonl")
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        parse_override("dedup.threshold")
+
+
+def test_override_of_unknown_key_fails_before_anything_runs():
+    with pytest.raises(ConfigError, match="dedup.thresh"):
+        parse_params(apply_overrides({}, ["dedup.thresh=0.1"]))
+
+
+def test_write_overrides_keeps_comments_and_changes_only_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    write_overrides(path, ["dedup.threshold=0.85", "ingest.source=/tmp/corpus.jsonl"])
+    text = path.read_text()
+    assert "# Every knob of the pipeline" in text
+    params = load_params(path)
+    assert params.dedup.threshold == 0.85
+    assert params.ingest.source == "/tmp/corpus.jsonl"
+    assert params.tokenize == load_params(ROOT / "params.yaml").tokenize
+
+
+def test_write_overrides_refuses_an_invalid_value_and_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    path.write_text(original)
+    with pytest.raises(ConfigError, match="dedup.threshold"):
+        write_overrides(path, ["dedup.threshold=7"])
+    assert path.read_text() == original

@@ -1,0 +1,83 @@
+import random
+
+import pyarrow as pa
+import pytest
+
+from tasks import dedup
+from tasks.common.config import DedupConfig
+from tasks.common.io import RECORD_SCHEMA, read_records, write_records
+
+from ..conftest import perturb, random_document
+
+pytestmark = pytest.mark.unit
+
+ORIGINALS = 120
+PLANTED = 30
+
+
+@pytest.fixture
+def planted_corpus(vocabulary):
+    """120 unrelated documents, then 30 copies of some of them with 2% of their words changed."""
+    rng = random.Random(11)
+    originals = [random_document(rng, vocabulary, 400) for _ in range(ORIGINALS)]
+    sources = rng.sample(range(ORIGINALS), PLANTED)
+    copies = [perturb(rng, originals[i], vocabulary, 0.02) for i in sources]
+    return originals + copies, {ORIGINALS + k: src for k, src in enumerate(sources)}
+
+
+@pytest.mark.parametrize("engine", ["rensa", "datasketch"])
+def test_planted_near_duplicates_are_found_with_high_recall_and_precision(planted_corpus, engine):
+    texts, planted = planted_corpus
+    removed = dedup.find_duplicates(DedupConfig(engine=engine, workers=1), texts)
+    found = {i for i, (_, kind, _) in removed.items() if kind == "near"}
+    recall = len(found & set(planted)) / len(planted)
+    precision = len(found & set(planted)) / len(found)
+    assert recall >= 0.9, f"{engine}: recall {recall:.2f}"
+    assert precision == 1.0, f"{engine}: removed originals {sorted(found - set(planted))}"
+    for i in found & set(planted):
+        kept, _, similarity = removed[i]
+        assert kept == planted[i]  # the earlier original is the one kept
+        assert similarity >= 0.7
+
+
+def test_signatures_from_two_worker_processes_match_one_process(planted_corpus):
+    texts, _ = planted_corpus
+    one = dedup.find_duplicates(DedupConfig(workers=1), texts)
+    two = dedup.find_duplicates(DedupConfig(workers=2), texts)
+    assert one == two
+
+
+def test_exact_duplicates_ignore_trailing_whitespace_and_blank_edges():
+    texts = ["def f():\n    return 1\n", "\n\ndef f():   \n    return 1", "def g():\n    return 2\n"]
+    removed = dedup.find_duplicates(DedupConfig(workers=1), texts)
+    assert removed == {1: (0, "exact", 1.0)}
+
+
+def test_short_and_distinct_documents_are_all_kept():
+    texts = ["a", "b c", "x = 1", "import os"]
+    assert dedup.find_duplicates(DedupConfig(workers=1), texts) == {}
+
+
+def test_lsh_bands_divide_the_permutations():
+    for threshold in (0.5, 0.7, 0.9):
+        bands = dedup.lsh_bands(threshold, 128)
+        assert 128 % bands == 0 and 1 < bands < 128
+
+
+def test_stage_writes_kept_records_and_a_report_naming_the_kept_record(tmp_path, planted_corpus):
+    texts, planted = planted_corpus
+    texts = texts + [texts[0]]  # one exact duplicate as well
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(tmp_path / "validated", table, shard_max_bytes=50_000)
+    result = dedup.run(DedupConfig(workers=1, shard_max_bytes=50_000), tmp_path / "validated", tmp_path / "dedup", tmp_path / "dups")
+    report = read_records(tmp_path / "dups").to_pylist()
+    by_id = {r["id"]: r for r in report}
+    assert by_id[ids[-1]]["duplicate_of"] == "doc0" and by_id[ids[-1]]["kind"] == "exact"
+    some_copy, its_source = next(iter(planted.items()))
+    assert by_id[f"doc{some_copy}"]["duplicate_of"] == f"doc{its_source}"
+    kept = read_records(tmp_path / "dedup").num_rows
+    m = result.metrics
+    assert m["docs_in"] == kept + m["exact_duplicates"] + m["near_duplicates"] == len(texts)
+    assert m["exact_duplicates"] == 1 and m["near_duplicates"] == len(report) - 1
+    assert m["bytes_removed"] == sum(len(r["text"].encode()) for r in report)

@@ -1,0 +1,102 @@
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tasks import tokenization
+from tasks.common.config import ModelConfig, TokenizeConfig
+from tasks.common.errors import DataError
+from tasks.common.io import RECORD_SCHEMA, write_records
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def code_documents(n: int) -> list[str]:
+    files = sorted((ROOT / "tasks").rglob("*.py"))
+    rng = random.Random(3)
+    return [files[i % len(files)].read_text() + f"\n# variant {i} {rng.random()}\n" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    texts = code_documents(40)
+    ids = [f"d{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(root / "dedup", table, shard_max_bytes=1 << 30)
+    cfg = TokenizeConfig(vocab_size=400, val_fraction=0.1)
+    result = tokenization.run(cfg, ModelConfig(), root / "dedup", root / "tokens", root / "tokenizer")
+    return root, cfg, texts, result
+
+
+def test_split_by_document_is_deterministic_and_holds_out_about_val_fraction():
+    ids = [f"doc-{i}" for i in range(2000)]
+    held_out = [tokenization.is_validation_doc(i, 0.1, seed=0) for i in ids]
+    assert held_out == [tokenization.is_validation_doc(i, 0.1, seed=0) for i in ids]
+    assert 0.07 < sum(held_out) / len(ids) < 0.13
+
+
+def test_packed_arrays_have_one_eos_per_document_and_decode_back(tokenized):
+    root, _, texts, result = tokenized
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    train = np.fromfile(root / "tokens" / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(root / "tokens" / "val.bin", dtype=meta["dtype"])
+    eos = meta["eos_token_id"]
+    assert int((train == eos).sum()) == meta["train_docs"] and int((val == eos).sum()) == meta["val_docs"]
+    assert meta["train_docs"] + meta["val_docs"] == len(texts)
+    assert train.size == meta["train_tokens"] and result.metrics["tokens"] == train.size + val.size
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    first_doc = train[: int(np.argmax(train == eos))]
+    assert tokenizer.decode(first_doc.tolist()) in texts
+
+
+def test_tokenizer_digest_in_meta_is_the_cache_key_of_the_arrays(tokenized):
+    root, _, _, _ = tokenized
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    assert meta["tokenizer_sha256"] == tokenization.tokenizer_digest(root / "tokenizer")
+
+
+def test_training_the_tokenizer_twice_gives_the_same_vocabulary(tokenized):
+    _, cfg, texts, _ = tokenized
+    first = tokenization.train_bpe(texts, cfg).get_vocab()
+    second = tokenization.train_bpe(texts, cfg).get_vocab()
+    assert first == second and len(first) == cfg.vocab_size
+
+
+def test_reference_stats_cover_every_document_and_token(tokenized):
+    root, _, _, _ = tokenized
+    stats = json.loads((root / "tokens" / "reference_stats.json").read_text())
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    assert sum(stats["doc_length_histogram"]) == meta["train_docs"]
+    assert len(stats["doc_length_bin_edges"]) == len(stats["doc_length_histogram"]) + 1
+    assert sum(stats["unigram_counts"]) == meta["train_tokens"]
+    assert stats["unk_rate"] == 0.0 and 0.0 <= stats["byte_fallback_rate"] < 0.01
+
+
+def test_base_model_tokenizer_must_exist_locally(tmp_path):
+    with pytest.raises(DataError, match="model.base="):
+        tokenization.load_base_tokenizer(str(tmp_path / "no-such-model"))
+
+
+def test_base_model_tokenizer_is_used_when_set(tokenized, tmp_path):
+    root, cfg, _, _ = tokenized
+    result = tokenization.run(cfg, ModelConfig(base=str(root / "tokenizer")), root / "dedup", tmp_path / "tokens", tmp_path / "tok")
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["tokenizer_source"] == str(root / "tokenizer")
+    assert result.metrics["vocab_size"] == cfg.vocab_size
+
+
+def test_special_token_text_inside_a_document_is_not_a_document_boundary(tokenized):
+    root, _, _, _ = tokenized
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    packed, lengths = tokenization.encode_and_pack(tokenizer, ["a <|endoftext|> b", "c"], batch_docs=8, desc="t")
+    assert int((packed == tokenizer.eos_token_id).sum()) == 2
+    assert tokenizer.decode(packed[: lengths[0]].tolist()) == "a <|endoftext|> b"

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from tasks import ingest, validate
+from tasks.common.config import IngestConfig, ValidateConfig
+from tasks.common.errors import DataError
+from tasks.common.io import read_records
+
+from ..conftest import write_jsonl
+
+pytestmark = pytest.mark.unit
+
+GOOD_FILES = 10
+
+
+def build_bad_corpus(root):
+    files = root / "files"
+    files.mkdir(parents=True)
+    for i in range(GOOD_FILES):
+        (files / f"good{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    (files / "empty.py").write_text("")
+    (files / "binary.py").write_bytes(bytes(range(0, 32)) * 64)
+    (files / "oneline.py").write_text("x = 1; " * 750_000)  # a 5 MB single line
+    (files / "latin.py").write_bytes(b"caf\xe9 = 1\n")  # not UTF-8, no coding cookie
+    jsonl = write_jsonl(root / "extra.jsonl", [{"id": "dup", "text": "first copy"}, {"id": "dup", "text": "second copy"}])
+    raw = root / "raw"
+    ingest.run(IngestConfig(source=[str(files), str(jsonl)]), raw)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validate")
+    raw = build_bad_corpus(root)
+    result = validate.run(ValidateConfig(min_pass_rate=0.5), raw, root / "ok", root / "quarantine", root / "docs")
+    quarantined = {r["id"]: json.loads(r["failed_expectations"]) for r in read_records(root / "quarantine").to_pylist()}
+    return root, result, quarantined
+
+
+def reasons(quarantined, record_id):
+    return " | ".join(quarantined[record_id])
+
+
+def test_every_record_is_either_validated_or_quarantined(validated):
+    root, result, _ = validated
+    kept = read_records(root / "ok").num_rows
+    quarantined_rows = read_records(root / "quarantine").num_rows
+    assert result.metrics["docs_in"] == GOOD_FILES + 6
+    assert kept == GOOD_FILES == result.metrics["docs_out"]
+    assert kept + quarantined_rows == result.metrics["docs_in"]
+    assert quarantined_rows == result.metrics["quarantined"]
+
+
+def test_empty_document_is_quarantined_for_its_length(validated):
+    assert "text_chars, max_value=2000000, min_value=1" in reasons(validated[2], "files/empty.py")
+
+
+def test_binary_blob_is_quarantined_for_nul_and_control_characters(validated):
+    why = reasons(validated[2], "files/binary.py")
+    assert "nul_chars" in why and "control_char_ratio" in why
+
+
+def test_five_megabyte_single_line_is_quarantined_for_its_longest_line(validated):
+    assert "max_line_chars" in reasons(validated[2], "files/oneline.py")
+
+
+def test_undecodable_file_is_quarantined_with_the_ingest_error(validated):
+    assert "expect_column_values_to_be_null(ingest_error)" in reasons(validated[2], "files/latin.py")
+
+
+def test_duplicate_ids_are_both_quarantined_as_ambiguous(validated):
+    root, _, quarantined = validated
+    dup_rows = [r for r in read_records(root / "quarantine").to_pylist() if r["id"] == "dup"]
+    assert len(dup_rows) == 2
+    assert all("expect_column_values_to_be_unique(id)" in r["failed_expectations"] for r in dup_rows)
+
+
+def test_pass_rate_is_reported_per_expectation(validated):
+    _, result, _ = validated
+    by_expectation = result.metrics["pass_rate_by_expectation"]
+    assert by_expectation["expect_column_values_to_be_unique(id)"] == pytest.approx(1 - 2 / 16)
+    assert by_expectation["expect_column_values_to_not_be_null(id)"] == 1.0
+    assert result.metrics["pass_rate"] == pytest.approx(GOOD_FILES / 16)
+
+
+def test_data_docs_html_is_written(validated):
+    root, _, _ = validated
+    assert (root / "docs" / "index.html").exists()
+    assert list((root / "docs" / "validations").rglob("*.html"))
+
+
+def test_pass_rate_under_the_threshold_fails_and_still_writes_the_quarantine(tmp_path):
+    raw = build_bad_corpus(tmp_path)
+    with pytest.raises(DataError) as err:
+        validate.run(ValidateConfig(min_pass_rate=0.9), raw, tmp_path / "ok", tmp_path / "quarantine", tmp_path / "docs")
+    message = str(err.value)
+    assert "62.50%" in message and "validate.min_pass_rate 90.00%" in message
+    assert str(tmp_path / "quarantine") in message
+    assert read_records(tmp_path / "quarantine").num_rows == 6
+    assert not (tmp_path / "ok").exists()  # nothing half-done is left as the validated output
