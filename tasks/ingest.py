@@ -72,10 +72,16 @@ def resolve_sources(source: str | list[str], file_glob: str) -> list[tuple[str, 
             out.append((path.parent.name or "file", path.parent, path))
         else:
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
-            base = Path(glob.escape(str(path)).split("*")[0].split("?")[0] or ".")
-            base = base if base.is_dir() else base.parent
+            base = glob_base(path)
             out.extend((base.name or "glob", base, m) for m in matches if m.is_file() or is_hf_dataset(m))
     return out
+
+
+def glob_base(pattern: Path) -> Path:
+    """The directory part of a glob before its first wildcard: ids are relative to it."""
+    parts = pattern.parts
+    first_magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts) - 1)
+    return Path(*parts[:first_magic]) if first_magic else Path(".")
 
 
 def is_hf_dataset(path: Path) -> bool:

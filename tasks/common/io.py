@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.common.errors import StageError
@@ -73,7 +74,7 @@ def write_records(out_dir: Path, table: pa.Table, *, shard_max_bytes: int, prefi
         path = out_dir / f"{prefix}-00000.parquet"
         pq.write_table(table, path)
         return [path]
-    text_bytes = pa.compute.binary_length(table.column("text").fill_null("")).to_numpy(zero_copy_only=False)
+    text_bytes = pc.binary_length(table.column("text").fill_null("")).to_numpy(zero_copy_only=False)
     start, acc = 0, 0
     for i, n in enumerate(text_bytes):
         acc += int(n)

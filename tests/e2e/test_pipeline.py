@@ -130,3 +130,33 @@ def test_a_param_override_reruns_only_the_stages_downstream_of_it(repo):
     assert latest.data.tags["llmops.stage.ingest"] == "cached"
     assert latest.data.tags["llmops.stage.dedup"] == "ran"
     assert latest.data.tags["llmops.overrides"] == "dedup.threshold=0.95"
+
+
+def test_llmops_ui_serves_the_projects_runs_over_http(repo):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    repo, _, env, _ = repo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([BIN / "llmops", "ui", "--port", str(port)], cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        body = None
+        while time.monotonic() < deadline and body is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=llmops"
+                )
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                assert proc.poll() is None, "llmops ui exited before serving"
+                time.sleep(1)
+        assert body is not None, "llmops ui did not answer within 90 s"
+        assert body["experiment"]["name"] == "llmops"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
