@@ -38,8 +38,9 @@ test-unit: install
 test-e2e: install
 	$(BIN)/python -m pytest -m e2e
 
+# Peers (text-dedup needs Python >= 3.12, datatrove its own pins) run in their own venvs:
+# see the docstring of benchmarks/bench_dedup.py.
 bench: install
-	$(BIN)/python -m pip install -q -e '.[bench]' $(PIP_QUIET)
 	$(BIN)/python benchmarks/bench_stages.py
 	$(BIN)/python benchmarks/bench_dedup.py
 
