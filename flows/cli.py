@@ -86,7 +86,7 @@ def stage(
         from tasks.common.config import load_params
         from tasks.stages import run_stage
 
-        result = run_stage(name, load_params(params_file), track=track)
+        result = run_stage(name, load_params(params_file), track=track, params_file=params_file)
     except LlmopsError as exc:
         _fail(exc)
     console.print(result.summary)

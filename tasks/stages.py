@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ class Stage:
     run: Callable[[Params], StageResult]
     sections: tuple[str, ...]  # params sections the stage reads (logged as MLflow params)
     inputs: Callable[[Params], list[str]]  # data directories it reads (logged as MLflow datasets)
+    distributed: bool = False  # may run as several processes (train.launcher)
 
 
 def _ingest(p: Params) -> StageResult:
@@ -44,21 +47,50 @@ def _tokenize(p: Params) -> StageResult:
     return tokenization.run(p.tokenize, p.model, Path(p.paths.dedup), Path(p.paths.tokens), Path(p.paths.tokenizer))
 
 
+def _pretrain(p: Params) -> StageResult:
+    from tasks import pretrain
+
+    return pretrain.run(p)
+
+
+def _finetune(p: Params) -> StageResult:
+    from tasks import finetune
+
+    return finetune.run(p)
+
+
+def _finetune_inputs(p: Params) -> list[str]:
+    data = [p.finetune.data] if p.finetune.data else [p.paths.dedup]
+    return data + ([] if p.model.base else [p.paths.pretrain_model])
+
+
 STAGES: dict[str, Stage] = {
     "ingest": Stage(_ingest, ("ingest",), lambda p: []),
     "validate": Stage(_validate, ("validate",), lambda p: [p.paths.raw]),
     "dedup": Stage(_dedup, ("dedup",), lambda p: [p.paths.validated]),
     "tokenize": Stage(_tokenize, ("tokenize", "model"), lambda p: [p.paths.dedup]),
+    "pretrain": Stage(_pretrain, ("pretrain", "train", "model"), lambda p: [p.paths.tokens], distributed=True),
+    "finetune": Stage(_finetune, ("finetune", "train", "model"), _finetune_inputs, distributed=True),
 }
 
 
-def run_stage(name: str, params: Params, *, track: bool = True) -> StageResult:
-    """Run one stage, write metrics/<name>.json atomically, and log the run to MLflow."""
+def run_stage(name: str, params: Params, *, track: bool = True, params_file: Path = Path("params.yaml")) -> StageResult:
+    """Run one stage, write metrics/<name>.json atomically, and log the run to MLflow.
+
+    A distributed stage with `train.launcher` set re-runs this command under the launcher; in the
+    launched processes only rank 0 tracks and writes metrics.
+    """
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
     metrics_file = Path(params.paths.metrics) / f"{name}.json"
     section_params = {s: params.model_dump(by_alias=True)[s] for s in stage.sections}
+    from tasks.training import launch
+
+    if stage.distributed and params.train.launcher != "none" and not launch.in_launched_process():
+        return _launch(name, params, params_file, track, metrics_file)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return stage.run(params)  # a worker process: rank 0 tracks and writes the metrics
     if not track:
         result = stage.run(params)
         atomic_write_json(metrics_file, result.metrics)
@@ -70,3 +102,20 @@ def run_stage(name: str, params: Params, *, track: bool = True) -> StageResult:
         atomic_write_json(metrics_file, result.metrics)
         tracking.log_result(result, metrics_file)
     return result
+
+
+def _launch(name: str, params: Params, params_file: Path, track: bool, metrics_file: Path) -> StageResult:
+    import json
+
+    from tasks.common.errors import StageError
+    from tasks.training import launch
+
+    cmd = launch.launch_command(params.train, name, params_file)
+    if not track:
+        cmd.append("--no-track")
+    metrics_file.unlink(missing_ok=True)
+    code = subprocess.call(cmd)
+    if code != 0 or not metrics_file.exists():
+        raise StageError(f"stage '{name}' under {params.train.launcher} exited with code {code}: {' '.join(cmd)}")
+    metrics = json.loads(metrics_file.read_text())
+    return StageResult(metrics=metrics, summary=f"{name}: {params.train.nproc_per_node * params.train.nnodes} processes via {params.train.launcher}; metrics in {metrics_file}")

@@ -30,6 +30,11 @@ class PathsConfig(Section):
     tokenizer: str = "models/tokenizer"
     reports: str = "reports"
     metrics: str = "metrics"
+    instructions: str = "data/instructions"  # finetune's pairs: train/eval JSONL and the quarantine
+    pretrain_model: str = "models/pretrain"
+    finetune_model: str = "models/finetune"  # full weights (LoRA merged): what evaluation and serving load
+    adapter: str = "models/adapter"  # the LoRA adapter itself (empty for full fine-tuning)
+    checkpoints: str = "checkpoints"  # resumable training state; not a DVC output, never half-taken as done
 
 
 class TrackingConfig(Section):
@@ -91,6 +96,74 @@ class TokenizeConfig(Section):
     length_histogram_bins: int = Field(32, ge=4)
 
 
+class TrainConfig(Section):
+    """How pretrain and finetune run: launcher, precision, checkpoints. Shared by both stages."""
+
+    launcher: Literal["none", "torchrun", "accelerate"] = "none"
+    nproc_per_node: int = Field(1, ge=1)  # processes per node under torchrun / accelerate
+    nnodes: int = Field(1, ge=1)
+    accelerate_config: str = "infra/accelerate/ddp.yaml"  # used when launcher = accelerate
+    ddp_backend: Literal["", "gloo", "nccl"] = ""  # "" = nccl on GPU, gloo on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    log_every: int = Field(1, ge=1)  # optimizer steps between MLflow metric points
+    save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PretrainConfig(Section):
+    preset: str = "tiny"  # a key of `presets`
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> transformers config fields (+ model_type)
+    seq_len: int = Field(256, ge=8)
+    token_budget: int = Field(400_000, ge=1)  # training tokens; steps = budget / (batch * accum * processes * seq_len)
+    batch_size: int = Field(16, ge=1)  # per process
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_tokens: int = Field(50_000, ge=0)  # held-out tokens scored at the end (0 = the whole val split)
+
+    @model_validator(mode="after")
+    def _preset_exists(self) -> PretrainConfig:
+        if self.presets and self.preset not in self.presets:
+            raise ValueError(f"preset {self.preset!r} is not one of the presets: {', '.join(self.presets)}")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"  # peft's name for every linear layer but the output head
+
+
+class FinetuneConfig(Section):
+    data: str = ""  # JSONL of {prompt, response} or {messages: [...]}; "" = docstring -> body pairs from the corpus
+    method: Literal["lora", "full"] = "lora"
+    template: Literal["code", "chat"] = "code"  # code: prompt and response concatenated, as HumanEval prompts
+    max_seq_len: int = Field(512, ge=16)  # longer pairs are quarantined with the reason
+    packing: bool = True  # padding-free packing (position ids restart per pair); false = pad each batch
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of source files (corpus pairs) or rows held out
+    max_train_pairs: int = Field(0, ge=0)  # 0 = all
+    max_eval_pairs: int = Field(200, ge=0)  # 0 = all
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(0, ge=0)  # caps the epochs; 0 = no cap
+    batch_size: int = Field(8, ge=1)  # pairs per process per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig = LoraConfig()
+
+
 class Params(Section):
     paths: PathsConfig = PathsConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -101,6 +174,9 @@ class Params(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     dedup: DedupConfig = DedupConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,120 @@
+"""Pretrain: a causal LM from a transformers config (Llama-style by default, or a mixture of experts),
+trained from scratch on the packed token arrays of `tokenize` with transformers' Trainer.
+
+Reads data/tokens/ and models/tokenizer/; writes models/pretrain/ (HF format: config.json,
+model.safetensors, generation_config.json, tokenizer) and reports/pretrain/loss_curve.png.
+Resumable: checkpoints (weights, optimizer, scheduler, RNG, data position) go to
+checkpoints/pretrain/<run key>/ every `train.save_every` steps; re-running after a kill continues
+from the newest complete one. The run key hashes params, data and model, so a changed run never
+resumes a stale checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tasks.common.config import Params
+from tasks.common.errors import DataError
+from tasks.common.io import atomic_dir, atomic_write_json
+from tasks.common.result import StageResult
+
+
+def run(params: Params) -> StageResult:
+    out = Path(params.paths.pretrain_model)
+    if params.model.base:
+        # Fine-tuning starts from the given base: nothing to pretrain. The stage still leaves its output,
+        # a pointer, so DVC's graph (finetune depends on pretrain) holds either way.
+        with atomic_dir(out) as tmp:
+            atomic_write_json(tmp / "base.json", {"base": params.model.base, "note": "model.base is set: pretraining skipped"})
+        return StageResult(metrics={"skipped": True}, summary=f"pretrain: skipped, model.base={params.model.base!r} is the base model")
+    return _pretrain(params, out)
+
+
+def _pretrain(params: Params, out: Path) -> StageResult:
+    from transformers import AutoTokenizer, set_seed
+
+    from tasks.tokenization import tokenizer_digest
+    from tasks.training import runtime
+    from tasks.training.data import TokenBlocks, load_token_meta
+    from tasks.training.model import build_config, build_model, flops_per_token, parameter_count
+
+    cfg, train = params.pretrain, params.train
+    tokens_dir, tokenizer_dir = Path(params.paths.tokens), Path(params.paths.tokenizer)
+    meta = load_token_meta(tokens_dir)
+    if meta.get("tokenizer_sha256") != tokenizer_digest(tokenizer_dir):
+        raise DataError(
+            f"{tokens_dir}/meta.json: its tokenizer sha256 does not match {tokenizer_dir}; the token arrays were made with "
+            "another tokenizer. Re-run the tokenize stage (`dvc repro tokenize`)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    set_seed(train.seed)
+    config = build_config(cfg, vocab_size=meta["vocab_size"], eos_id=meta["eos_token_id"], pad_id=tokenizer.pad_token_id)
+    model = build_model(config)
+    model.generation_config.eos_token_id = meta["eos_token_id"]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    train_ds = TokenBlocks(tokens_dir / "train.bin", meta["dtype"], cfg.seq_len, seed=train.seed)
+    eval_ds = None
+    if meta["val_tokens"] >= cfg.seq_len:
+        eval_ds = TokenBlocks(tokens_dir / "val.bin", meta["dtype"], cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
+    world = runtime.world_size()
+    step_tokens = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    optim = runtime.Optim(
+        lr=cfg.lr,
+        min_lr_ratio=cfg.min_lr_ratio,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        max_steps=max(1, math.ceil(cfg.token_budget / step_tokens)),
+    )
+    fingerprint = {
+        "stage": "pretrain",
+        "pretrain": cfg.model_dump(),
+        "train": train.model_dump(include={"seed", "precision", "gradient_checkpointing", "device"}),
+        "world_size": world,
+        "model": config.to_dict(),
+        "tokens": meta["tokenizer_sha256"],
+        "train_bin": runtime.file_digest(tokens_dir / "train.bin"),
+    }
+    run_dir = Path(params.paths.checkpoints) / "pretrain" / runtime.run_key(fingerprint)
+    n_params = parameter_count(model)
+    non_embedding = parameter_count(model, non_embedding=True)
+    fpt = flops_per_token(config, non_embedding, cfg.seq_len)
+    trainer, fit = runtime.fit(
+        train=train, optim=optim, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
+        collator=None, run_dir=run_dir, flops_per_token=fpt,
+    )
+    metrics = {
+        "parameters": n_params,
+        "non_embedding_parameters": non_embedding,
+        "architecture": config.model_type,
+        "steps": fit.steps,
+        "tokens": fit.tokens,
+        "train_loss": fit.train_loss,
+        "val_loss": fit.eval_loss,
+        "val_perplexity": math.exp(fit.eval_loss) if math.isfinite(fit.eval_loss) and fit.eval_loss < 50 else float("inf"),
+        "tokens_per_s": fit.tokens_per_s,
+        "train_seconds": fit.train_seconds,
+        "resumed_from_step": fit.resumed_from_step,
+        "processes": world,
+        "flops_per_token": fpt,
+    }
+    if fit.mfu is not None:
+        metrics["mfu"] = fit.mfu
+    summary_json = {"metrics": metrics, "preset": cfg.preset, "run_key": run_dir.name}
+    runtime.save_final(trainer, tokenizer, out, {"training_summary.json": summary_json})
+    artifacts: list[Path] = []
+    if runtime.is_main_process():
+        curve = runtime.plot_loss_curve(fit.log_history, Path(params.paths.reports) / "pretrain" / "loss_curve.png", f"pretrain ({cfg.preset}, {n_params / 1e6:.1f}M params)")
+        artifacts = [curve, out]
+        runtime.cleanup_checkpoints(run_dir)
+    summary = (
+        f"pretrain: {cfg.preset} ({config.model_type}, {n_params / 1e6:.1f}M params) {fit.steps} steps, {fit.tokens:,} tokens, "
+        f"train loss {fit.train_loss:.3f}, val loss {fit.eval_loss:.3f}, {fit.tokens_per_s:,.0f} tokens/s"
+        + (f", resumed from step {fit.resumed_from_step}" if fit.resumed_from_step else "")
+        + f" -> {out}"
+    )
+    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts)

@@ -1,0 +1,87 @@
+"""A tokenized micro project (stdlib code, 300-token BPE, a 2-layer model) that training tests copy and train on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from tasks.common.config import TokenizeConfig, load_params
+from tasks.common.io import RECORD_SCHEMA, write_records
+from tasks.ingest import stdlib_root
+
+BIN = Path(sys.executable).parent
+MICRO = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "tie_word_embeddings": True,
+}
+MICRO_MOE = {**MICRO, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True}
+
+
+def micro_params(**sections: dict) -> dict:
+    """params.yaml for the micro project; `sections` override keys per section."""
+    params = {
+        "train": {"seed": 0, "save_every": 10, "keep_checkpoints": 2, "log_every": 1, "device": "cpu"},
+        "pretrain": {
+            "preset": "micro",
+            "presets": {"micro": MICRO, "micro-moe": MICRO_MOE},
+            "seq_len": 32,
+            "batch_size": 4,
+            "token_budget": 4 * 32 * 40,  # 40 steps
+            "lr": 0.01,
+            "warmup_steps": 2,
+            "eval_tokens": 2048,
+        },
+        "finetune": {"max_seq_len": 256, "max_steps": 20, "batch_size": 4, "lr": 0.01, "max_eval_pairs": 20, "eval_fraction": 0.2},
+    }
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def write_params(project: Path, params: dict) -> Path:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory) -> Path:
+    """data/dedup (stdlib json + email modules) and its tokenize outputs, built once per session."""
+    from tasks import tokenization
+
+    root = tmp_path_factory.mktemp("tokenized")
+    files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]
+    rows = [{"id": f"stdlib/{p.parent.name}/{p.name}", "text": p.read_text(), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in files]
+    write_records(root / "data" / "dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
+    params = load_params(write_params(root, micro_params()))
+    cfg = TokenizeConfig(vocab_size=300, val_fraction=0.1)
+    tokenization.run(cfg, params.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    return root
+
+
+@pytest.fixture
+def project(tokenized, tmp_path) -> Path:
+    """A fresh copy of the tokenized micro project to train in (cwd-relative paths, like the repo)."""
+    proj = tmp_path / "proj"
+    shutil.copytree(tokenized, proj)
+    return proj
+
+
+def llmops(project: Path, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    env = os.environ | {"LLMOPS_PROGRESS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([str(BIN / "llmops"), *args], cwd=project, env=env, capture_output=True, text=True, **popen)
+    if check and out.returncode != 0:
+        raise AssertionError(f"llmops {' '.join(args)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out

@@ -1,0 +1,143 @@
+"""pretrain on CPU with a micro model: loss goes down, the output loads, resume after SIGKILL, DDP with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.common.config import load_params
+from tasks.common.errors import ConfigError, DataError
+from tasks.stages import run_stage
+from tasks.training.runtime import COMPLETE_MARKER, last_complete_checkpoint
+
+from .conftest import BIN, llmops, micro_params, write_params
+
+pytestmark = pytest.mark.training
+
+
+def metrics_of(project: Path, stage: str) -> dict:
+    return json.loads((project / "metrics" / f"{stage}.json").read_text())
+
+
+def test_pretrain_reduces_loss_and_writes_a_model_transformers_loads(project, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(project)
+    result = run_stage("pretrain", load_params(write_params(project, micro_params())), track=False)
+    m = result.metrics
+    history = json.loads((project / "models/pretrain/training_summary.json").read_text())["metrics"]
+    assert history["steps"] == m["steps"] == 40
+    # a 300-token vocabulary starts at ln(300) = 5.7 nats; the micro model must learn well below that
+    assert m["train_loss"] < 4.5, m
+    assert m["val_loss"] < 5.0, m
+    assert m["tokens"] == 40 * 4 * 32
+    assert m["tokens_per_s"] > 0
+    assert (project / "reports/pretrain/loss_curve.png").stat().st_size > 1000
+    assert not any((project / "checkpoints/pretrain").iterdir()), "a finished run leaves no resumable state behind"
+
+    model = AutoModelForCausalLM.from_pretrained(project / "models/pretrain")
+    tokenizer = AutoTokenizer.from_pretrained(project / "models/pretrain")
+    ids = tokenizer("def load(s):", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5 or tokenizer.eos_token_id in out[0].tolist()
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads == 1
+
+
+def test_mixture_of_experts_preset_trains(project, monkeypatch):
+    monkeypatch.chdir(project)
+    params = micro_params(pretrain={"preset": "micro-moe", "token_budget": 4 * 32 * 6})
+    result = run_stage("pretrain", load_params(write_params(project, params)), track=False)
+    config = json.loads((project / "models/pretrain/config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
+    assert result.metrics["steps"] == 6
+    # only top-2 of 4 experts run per token: fewer FLOPs per token than all the parameters imply
+    assert result.metrics["flops_per_token"] < 6 * result.metrics["non_embedding_parameters"]
+
+
+def test_tokens_made_with_another_tokenizer_are_refused(project, monkeypatch):
+    monkeypatch.chdir(project)
+    tok = project / "models/tokenizer/tokenizer_config.json"
+    tok.write_text(tok.read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(DataError, match="another tokenizer"):
+        run_stage("pretrain", load_params(write_params(project, micro_params())), track=False)
+
+
+def test_unknown_preset_names_the_choices(project):
+    params = micro_params(pretrain={"preset": "huge"})
+    with pytest.raises(ConfigError, match="huge.*micro"):
+        load_params(write_params(project, params))
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (10, 20, 30):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+    (run_dir / "checkpoint-10" / COMPLETE_MARKER).write_text("{}")
+    (run_dir / "checkpoint-20" / COMPLETE_MARKER).write_text("{}")
+    assert last_complete_checkpoint(run_dir).name == "checkpoint-20"
+    assert not (run_dir / "checkpoint-30").exists(), "a checkpoint killed mid-save is removed"
+
+
+def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tokenized, tmp_path):
+    import shutil
+
+    params = micro_params(pretrain={"token_budget": 4 * 32 * 120}, train={"save_every": 10, "seed": 0, "device": "cpu"})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for proj in (straight, killed):
+        shutil.copytree(tokenized, proj)
+        write_params(proj, params)
+    llmops(straight, "stage", "pretrain", "--no-track")
+    expected = metrics_of(straight, "pretrain")
+    assert expected["resumed_from_step"] == 0
+
+    env = os.environ | {"LLMOPS_PROGRESS": "0"}
+    proc = subprocess.Popen([str(BIN / "llmops"), "stage", "pretrain", "--no-track"], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [c for c in (killed / "checkpoints/pretrain").glob("*/checkpoint-*") if (c / COMPLETE_MARKER).exists()]
+            if any(int(c.name.split("-")[1]) >= 20 for c in done):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "models/pretrain").exists(), "a killed run leaves no output that looks finished"
+    assert not (killed / "metrics/pretrain.json").exists()
+
+    llmops(killed, "stage", "pretrain", "--no-track")
+    resumed = metrics_of(killed, "pretrain")
+    assert resumed["resumed_from_step"] >= 20
+    assert resumed["steps"] == expected["steps"] == 120
+    assert resumed["tokens"] == expected["tokens"]
+    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-3)
+    assert resumed["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-3)
+
+
+def test_two_process_ddp_on_gloo_matches_one_process(tokenized, tmp_path):
+    import shutil
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    for proj in (single, ddp):
+        shutil.copytree(tokenized, proj)
+    # same global batch (8 blocks per step): one process with 8, or two with 4 each
+    write_params(single, micro_params(pretrain={"batch_size": 8, "token_budget": 8 * 32 * 30}))
+    write_params(ddp, micro_params(pretrain={"batch_size": 4, "token_budget": 8 * 32 * 30}, train={"launcher": "torchrun", "nproc_per_node": 2, "device": "cpu"}))
+    llmops(single, "stage", "pretrain", "--no-track")
+    out = llmops(ddp, "stage", "pretrain", "--no-track", timeout=600)
+    one, two = metrics_of(single, "pretrain"), metrics_of(ddp, "pretrain")
+    assert two["processes"] == 2 and one["processes"] == 1, out.stdout[-2000:]
+    assert two["steps"] == one["steps"] == 30
+    assert two["tokens"] == one["tokens"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.02)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=0.02)
+    assert (ddp / "models/pretrain/model.safetensors").exists()
