@@ -1,4 +1,5 @@
-"""The four data stages through the Prefect flow in a temporary git+DVC repo, then `dvc repro` re-runs nothing."""
+"""The whole DAG (data stages, then pretrain and finetune of a micro model) through the Prefect flow in a temporary
+git+DVC repo; then `dvc repro` re-runs nothing."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import yaml
 from tasks.ingest import stdlib_root
 
 from ..conftest import ROOT
+from ..training.conftest import MICRO
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +53,9 @@ def repo(tmp_path_factory):
     params["ingest"]["source"] = str(make_corpus(root))
     params["tokenize"]["vocab_size"] = 512
     params["validate"]["min_pass_rate"] = 0.5
+    params["pretrain"].update(preset="micro", seq_len=32, batch_size=4, token_budget=4 * 32 * 12, eval_tokens=1024)
+    params["pretrain"]["presets"]["micro"] = MICRO
+    params["finetune"].update(max_steps=4, max_eval_pairs=8, max_train_pairs=64, batch_size=4)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LLMOPS_PROGRESS": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -79,7 +84,7 @@ def mlflow_runs(repo: Path):
 
 def test_flow_runs_every_stage_and_the_records_add_up(repo):
     repo, _, _, run = repo
-    assert "pipeline done" in run.stderr and "ran ingest, validate, dedup, tokenize" in run.stderr
+    assert "pipeline done" in run.stderr and "ran ingest, validate, dedup, tokenize, pretrain, finetune" in run.stderr
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -95,7 +100,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -104,6 +109,30 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("data/raw", raw_md5[:36])]
     artifacts = {a.path for a in client.list_artifacts(children["validate"].info.run_id)}
     assert {"data_docs", "metrics"} <= artifacts
+
+
+def test_training_stages_log_per_step_curves_and_the_model_to_mlflow(repo):
+    repo, _, _, _ = repo
+    client, runs = mlflow_runs(repo)
+    pretrain = next(r for r in runs if r.data.tags.get("llmops.stage") == "pretrain")
+    steps = metrics(repo, "pretrain")["steps"]
+    assert steps == 12
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        history = client.get_metric_history(pretrain.info.run_id, name)
+        assert len(history) >= steps - 1, (name, len(history))
+        assert sorted(m.step for m in history)[-1] == steps
+    lrs = [m.value for m in sorted(client.get_metric_history(pretrain.info.run_id, "lr"), key=lambda m: m.step)]
+    assert max(lrs) > lrs[-1], "cosine schedule decays after warmup"
+    assert pretrain.data.params["pretrain.preset"] == "micro"
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"loss_curve.png", "pretrain", "metrics"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(pretrain.info.run_id, "pretrain")}
+    assert {"pretrain/config.json", "pretrain/model.safetensors", "pretrain/tokenizer.json"} <= model_files
+    finetune = next(r for r in runs if r.data.tags.get("llmops.stage") == "finetune")
+    assert len(client.get_metric_history(finetune.info.run_id, "loss")) >= 3
+    assert finetune.data.metrics["pairs.train"] > 0
+    inputs = {i.dataset.name for i in finetune.inputs.dataset_inputs}
+    assert inputs == {"data/dedup", "models/pretrain"}
 
 
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):
