@@ -89,7 +89,8 @@ def stage(
         result = run_stage(name, load_params(params_file), track=track, params_file=params_file)
     except LlmopsError as exc:
         _fail(exc)
-    console.print(result.summary)
+    if result.summary:  # worker processes of a distributed stage leave the summary to rank 0
+        console.print(result.summary)
 
 
 @app.command()

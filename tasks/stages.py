@@ -90,7 +90,8 @@ def run_stage(name: str, params: Params, *, track: bool = True, params_file: Pat
     if stage.distributed and params.train.launcher != "none" and not launch.in_launched_process():
         return _launch(name, params, params_file, track, metrics_file)
     if int(os.environ.get("RANK", "0")) != 0:
-        return stage.run(params)  # a worker process: rank 0 tracks and writes the metrics
+        stage.run(params)  # a worker process: rank 0 tracks, writes the metrics and reports
+        return StageResult(metrics={}, summary="")
     if not track:
         result = stage.run(params)
         atomic_write_json(metrics_file, result.metrics)

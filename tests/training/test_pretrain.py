@@ -16,6 +16,7 @@ from tasks.common.errors import ConfigError, DataError
 from tasks.stages import run_stage
 from tasks.training.runtime import COMPLETE_MARKER, last_complete_checkpoint
 
+from ..conftest import ROOT
 from .conftest import BIN, llmops, micro_params, write_params
 
 pytestmark = pytest.mark.training
@@ -123,21 +124,45 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tok
     assert resumed["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-3)
 
 
-def test_two_process_ddp_on_gloo_matches_one_process(tokenized, tmp_path):
+def test_two_process_ddp_on_gloo_matches_one_process_under_torchrun_and_accelerate(tokenized, tmp_path):
     import shutil
 
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    for proj in (single, ddp):
+    runs = {
+        "single": {"batch_size": 8},
+        "torchrun": {"batch_size": 4, "launcher": {"launcher": "torchrun", "nproc_per_node": 2, "device": "cpu"}},
+        "accelerate": {
+            "batch_size": 4,
+            "launcher": {"launcher": "accelerate", "nproc_per_node": 2, "device": "cpu", "accelerate_config": str(ROOT / "infra/accelerate/ddp.yaml")},
+        },
+    }
+    results = {}
+    for name, spec in runs.items():
+        proj = tmp_path / name
         shutil.copytree(tokenized, proj)
-    # same global batch (8 blocks per step): one process with 8, or two with 4 each
-    write_params(single, micro_params(pretrain={"batch_size": 8, "token_budget": 8 * 32 * 30}))
-    write_params(ddp, micro_params(pretrain={"batch_size": 4, "token_budget": 8 * 32 * 30}, train={"launcher": "torchrun", "nproc_per_node": 2, "device": "cpu"}))
-    llmops(single, "stage", "pretrain", "--no-track")
-    out = llmops(ddp, "stage", "pretrain", "--no-track", timeout=600)
-    one, two = metrics_of(single, "pretrain"), metrics_of(ddp, "pretrain")
-    assert two["processes"] == 2 and one["processes"] == 1, out.stdout[-2000:]
-    assert two["steps"] == one["steps"] == 30
-    assert two["tokens"] == one["tokens"]
-    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.02)
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=0.02)
-    assert (ddp / "models/pretrain/model.safetensors").exists()
+        # same global batch (8 blocks per step): one process with 8, or two with 4 each
+        write_params(proj, micro_params(pretrain={"batch_size": spec["batch_size"], "token_budget": 8 * 32 * 30}, train=spec.get("launcher", {})))
+        llmops(proj, "stage", "pretrain", "--no-track", timeout=600)
+        results[name] = metrics_of(proj, "pretrain")
+        assert (proj / "models/pretrain/model.safetensors").exists()
+    one = results["single"]
+    assert one["processes"] == 1 and one["steps"] == 30
+    for name in ("torchrun", "accelerate"):
+        two = results[name]
+        assert two["processes"] == 2, name
+        assert two["steps"] == one["steps"] and two["tokens"] == one["tokens"], name
+        assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.02), name
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=0.02), name
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tokenized, tmp_path, monkeypatch):
+    import shutil
+
+    losses = {}
+    for flag in (False, True):
+        proj = tmp_path / f"gc-{flag}"
+        shutil.copytree(tokenized, proj)
+        monkeypatch.chdir(proj)
+        params = micro_params(pretrain={"token_budget": 4 * 32 * 8}, train={"gradient_checkpointing": flag, "device": "cpu"})
+        losses[flag] = run_stage("pretrain", load_params(write_params(proj, params)), track=False).metrics
+    assert losses[True]["steps"] == losses[False]["steps"] == 8
+    assert losses[True]["val_loss"] == pytest.approx(losses[False]["val_loss"], abs=1e-4)
