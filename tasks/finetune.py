@@ -91,6 +91,7 @@ def run(params: Params) -> StageResult:
     from tasks.training.data import PairDataset, pair_collator
 
     cfg, train = params.finetune, params.train
+    runtime.configure_progress()
     base = base_model_dir(params)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -156,7 +157,7 @@ def run(params: Params) -> StageResult:
         eval_loss_before = _evaluate(model, tokenizer, eval_ds, collator, train, optim, run_dir)
     trainer, fit = runtime.fit(
         train=train, optim=optim, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
-        collator=collator, run_dir=run_dir,
+        collator=collator, run_dir=run_dir, stage="finetune",
     )
     tokenizer.chat_template = TEMPLATES[cfg.template]
     out, adapter_out = Path(params.paths.finetune_model), Path(params.paths.adapter)
@@ -201,10 +202,11 @@ def _evaluate(model: Any, tokenizer: Any, eval_ds: Any, collator: Any, train: An
     """The base model's loss on the eval responses, before any fine-tuning: the number to beat."""
     from transformers import Trainer
 
-    from tasks.training.runtime import training_arguments
+    from tasks.training import runtime
 
-    args = training_arguments(train, optim, run_dir / "eval-before", has_eval=True)
+    args = runtime.training_arguments(train, optim, run_dir / "eval-before", has_eval=True)
     trainer = Trainer(model=model, args=args, eval_dataset=eval_ds, data_collator=collator, processing_class=tokenizer)
+    runtime.quiet(trainer)
     return float(trainer.evaluate()["eval_loss"])
 
 

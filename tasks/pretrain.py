@@ -85,7 +85,7 @@ def _pretrain(params: Params, out: Path) -> StageResult:
     fpt = flops_per_token(config, non_embedding, cfg.seq_len)
     trainer, fit = runtime.fit(
         train=train, optim=optim, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
-        collator=None, run_dir=run_dir, flops_per_token=fpt,
+        collator=None, run_dir=run_dir, stage="pretrain", flops_per_token=fpt,
     )
     metrics = {
         "parameters": n_params,

@@ -151,7 +151,7 @@ class FinetuneConfig(Section):
     packing: bool = True  # padding-free packing (position ids restart per pair); false = pad each batch
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of source files (corpus pairs) or rows held out
     max_train_pairs: int = Field(0, ge=0)  # 0 = all
-    max_eval_pairs: int = Field(200, ge=0)  # 0 = all
+    max_eval_pairs: int = Field(100, ge=0)  # 0 = all
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(0, ge=0)  # caps the epochs; 0 = no cap
     batch_size: int = Field(8, ge=1)  # pairs per process per micro-batch

@@ -220,6 +220,59 @@ def _callback_class() -> type:
     return _Tracking
 
 
+class ConsoleCallback:
+    """One progress bar with loss / lr / tokens/s as its postfix (or, with LLMOPS_PROGRESS=0, a line every ~5%),
+    in place of the Trainer's dict printed on every step."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _console_class()(*args, **kwargs)
+
+
+def _console_class() -> type:
+    import sys
+
+    from transformers import TrainerCallback
+
+    class _Console(TrainerCallback):
+        def __init__(self, desc: str) -> None:
+            self.desc = desc
+            self.bar: Any = None
+            self.enabled = os.environ.get("LLMOPS_PROGRESS", "1") != "0"
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.enabled and state.is_world_process_zero:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            fields = {"loss": f"{logs['loss']:.3f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
+            if "tokens_per_s" in logs:
+                fields["tok/s"] = f"{logs['tokens_per_s']:,.0f}"
+            if "mfu" in logs:
+                fields["mfu"] = f"{logs['mfu']:.1%}"
+            if self.bar is not None:
+                self.bar.set_postfix(fields, refresh=False)
+                return
+            every = max(1, state.max_steps // 20)
+            if state.global_step % every == 0 or state.global_step in (1, state.max_steps):
+                text = " ".join(f"{k} {v}" for k, v in fields.items())
+                print(f"{self.desc} step {state.global_step}/{state.max_steps} {text}", file=sys.stderr, flush=True)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return _Console
+
+
 def _step_metrics(entry: dict[str, Any]) -> dict[str, float]:
     names = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "mfu": "mfu"}
     out = {}
@@ -240,6 +293,7 @@ def fit(
     eval_dataset: Any,
     collator: Any,
     run_dir: Path,
+    stage: str,
     flops_per_token: float | None = None,
 ) -> tuple[Any, FitResult]:
     """Train with transformers' Trainer, resuming from the newest complete checkpoint in `run_dir`."""
@@ -248,6 +302,7 @@ def fit(
     from tasks.training.model import peak_flops
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    configure_progress()
     resume = last_complete_checkpoint(run_dir)
     args = training_arguments(train, optim, run_dir, has_eval=eval_dataset is not None)
     callback = TrackingCallback(flops_per_token, peak_flops() if use_cuda(train) else None)
@@ -260,6 +315,8 @@ def fit(
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    quiet(trainer)
+    trainer.add_callback(ConsoleCallback(f"{stage}: training"))
     resumed_from = int(resume.name[len(CHECKPOINT_PREFIX) :]) if resume else 0
     if resume and is_main_process():
         log.warning("resuming from %s (step %d of %d)", resume, resumed_from, optim.max_steps)
@@ -287,6 +344,22 @@ def fit(
         mfu=(sum(callback.mfu_values) / len(callback.mfu_values)) if callback.mfu_values else None,
     )
     return trainer, result
+
+
+def configure_progress() -> None:
+    """LLMOPS_PROGRESS=0 (tests, log files) also silences transformers' own bars (loading, saving weights)."""
+    if os.environ.get("LLMOPS_PROGRESS", "1") == "0":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def quiet(trainer: Any) -> None:
+    """Drop the Trainer's own console callbacks (a dict per step); ConsoleCallback reports instead."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
 
 
 def _tag(key: str, value: str) -> None:
