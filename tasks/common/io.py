@@ -44,6 +44,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished temp directory into place; `final` is never a mix of old and new files."""
     if final.exists():
         # Rename the old one aside first so `final` is never a mix of old and new files.
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

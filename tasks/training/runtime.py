@@ -406,7 +406,7 @@ def save_final(trainer: Any, tokenizer: Any, out: Path, extra_json: dict[str, An
 
     Every process calls this (FSDP and ZeRO-3 gather weights collectively); process 0 writes.
     """
-    from tasks.common.io import atomic_write_json
+    from tasks.common.io import atomic_write_json, replace_dir
 
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-final"
@@ -423,13 +423,3 @@ def save_final(trainer: Any, tokenizer: Any, out: Path, extra_json: dict[str, An
         atomic_write_json(tmp / name, obj)
     replace_dir(tmp, out)
 
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished temp directory into place; `out` is never a mix of old and new files."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
