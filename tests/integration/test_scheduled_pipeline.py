@@ -29,7 +29,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def repo(stack: Stack, tmp_path_factory) -> Path:
     """A checkout of the project on a tiny corpus, its process pool created and `prefect deploy --all` run from it."""
     root = tmp_path_factory.mktemp("scheduled")
-    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "flows"))
+    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "flows", "infra"))
     stack.prefect("work-pool", "create", POOL, "--type", "process", cwd=repo)
     stack.prefect("deploy", "--all", cwd=repo)
     return repo
@@ -109,6 +109,21 @@ def test_prefect_deploy_registers_the_weekly_pipeline_deployment_on_the_process_
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert deployment["parameters"] == {"from_stage": None, "to_stage": None, "overrides": [], "repo_dir": ".", "lock_timeout_s": 3600}
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_the_container_variants_deploy_to_pools_built_from_their_job_templates(stack, repo, kind):
+    pool = f"llmops-{kind}"
+    template = f"infra/prefect/{kind}-base-job-template.json"
+    stack.prefect("work-pool", "create", pool, "--type", kind, "--base-job-template", template, cwd=repo)
+    stack.prefect("deploy", "--all", "--prefect-file", f"infra/prefect/prefect.{kind}.yaml", cwd=repo)
+    work_pool = http_json(f"{stack.prefect_api}/work_pools/{pool}")
+    assert work_pool["type"] == kind
+    assert work_pool["base_job_template"]["variables"]["properties"]["image"]["default"] == "llmops-pipeline:latest"
+    deployment = http_json(f"{stack.prefect_api}/deployments/name/pipeline/pipeline-{kind}")
+    assert deployment["work_pool_name"] == pool
+    assert deployment["pull_steps"][0] == {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/llmops"}}
+    assert http_json(f"{stack.prefect_api}/deployments/name/{DEPLOYMENT}")["work_pool_name"] == POOL  # the process deployment is untouched
 
 
 def test_a_deployment_run_completes_and_the_mlflow_server_holds_its_runs(stack, repo, start_worker):
