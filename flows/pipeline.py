@@ -138,15 +138,22 @@ def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
 def close_abandoned_run(previous_holder: dict[str, Any], logger) -> None:
     """Mark KILLED the MLflow parent run of a pipeline run that died holding the lock (it can never finish it)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     run_id = previous_holder.get("mlflow_run_id")
     if not run_id:
         return
     client = mlflow.MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
         client.set_terminated(run_id, status="KILLED")
         client.set_tag(run_id, "llmops.ended_by", "crash: the run died holding the repository lock; the next run closed it")
-        logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow run %s KILLED", previous_holder.get("prefect_flow_run_id") or previous_holder.get("pid"), run_id)
+    except MlflowException as exc:  # e.g. that run was tracked elsewhere: nothing here to close
+        logger.warning("could not close the MLflow run %s of a pipeline run that died on this checkout: %s", run_id, exc)
+        return
+    holder = previous_holder.get("prefect_flow_run_id") or previous_holder.get("pid")
+    logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow run %s KILLED", holder, run_id)
 
 
 @flow(name="pipeline")

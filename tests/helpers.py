@@ -47,8 +47,9 @@ def subprocess_env(root: Path) -> dict[str, str]:
     return env
 
 
-def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks",)) -> Path:
-    """A git+DVC repository under `root` holding dvc.yaml, the given project files and dirs, and a params.yaml for the tiny corpus.
+def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks",), tiny_corpus: bool = True) -> Path:
+    """A git+DVC repository under `root` holding dvc.yaml, the given project files and dirs, and params.yaml
+    (set for the tiny corpus, or the project's own defaults when `tiny_corpus` is False).
 
     The first commit exists (DVC experiments and the MLflow git tag need it); a local directory is the DVC default remote.
     """
@@ -58,11 +59,14 @@ def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: 
         shutil.copy(ROOT / name, repo / name)
     for name in dirs:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"]["source"] = str(make_corpus(root))
-    params["tokenize"]["vocab_size"] = 512
-    params["validate"]["min_pass_rate"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if tiny_corpus:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["ingest"]["source"] = str(make_corpus(root))
+        params["tokenize"]["vocab_size"] = 512
+        params["validate"]["min_pass_rate"] = 0.5
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    else:
+        shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     sh("git", "init", "-q", cwd=repo)
     sh("git", "config", "user.email", "t@example.com", cwd=repo)
     sh("git", "config", "user.name", "test", cwd=repo)

@@ -13,16 +13,14 @@ import psutil
 import pytest
 import yaml
 
-from ..helpers import BIN, make_repo, sh
-from .conftest import Stack, http_json, poll
+from ..helpers import BIN, make_repo, sh, stop_process_tree
+from .servers import POOL, Process, Stack, http_json, poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-POOL = "llmops-process"
 DEPLOYMENT = "pipeline/pipeline"
 DATA_STAGES = ["ingest", "validate", "dedup", "tokenize"]
 RUN_TIMEOUT_S = 180
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
@@ -35,49 +33,26 @@ def repo(stack: Stack, tmp_path_factory) -> Path:
     return repo
 
 
-class Worker:
-    """`prefect worker start` on the process pool, in a session of its own."""
-
-    def __init__(self, stack: Stack, repo: Path):
-        env = stack.env | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
-        self.proc, self.log = stack.start("worker", [BIN / "prefect", "worker", "start", "--pool", POOL, "--type", "process"], cwd=repo, env=env)
-
-
 @pytest.fixture
 def start_worker(stack: Stack, repo: Path):
-    started: list[Worker] = []
+    """Start process-pool workers in the checkout; each is stopped, with its flow runs, when the test ends."""
+    started: list[Process] = []
 
-    def start() -> Worker:
-        started.append(Worker(stack, repo))
+    def start() -> Process:
+        started.append(stack.start_worker(repo))
         return started[-1]
 
     yield start
-    from ..helpers import stop_process_tree
-
     for worker in started:
         stop_process_tree(worker.proc)
 
 
 def run_deployment(stack: Stack, repo: Path, **parameters) -> str:
-    """`prefect deployment run` with parameters; returns the flow run id."""
-    args = [f"--param={key}={json.dumps(value)}" for key, value in parameters.items()]
-    out = stack.prefect("deployment", "run", DEPLOYMENT, *args, cwd=repo)
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
-    assert match, f"no flow run id in `prefect deployment run` output:\n{out.stdout}"
-    return match.group(1)
+    return stack.run_deployment(repo, DEPLOYMENT, **parameters)
 
 
-def flow_run(stack: Stack, run_id: str) -> dict:
-    return http_json(f"{stack.prefect_api}/flow_runs/{run_id}") or {}
-
-
-def wait_for_state(stack: Stack, run_id: str, worker: Worker | None = None, timeout_s: float = RUN_TIMEOUT_S) -> dict:
-    """Poll the Prefect API until the flow run reaches a terminal state; return the flow run."""
-    def terminal():
-        run = flow_run(stack, run_id)
-        return run if run.get("state_type") in TERMINAL else None
-
-    return poll(terminal, timeout_s, f"flow run {run_id} did not reach a terminal state", log=worker.log if worker else None)
+def wait_for_state(stack: Stack, run_id: str, worker: Process | None = None, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    return stack.wait_for_end(run_id, timeout_s, worker)
 
 
 def mlflow_client(stack: Stack):
@@ -187,7 +162,12 @@ def test_a_worker_killed_mid_stage_crashes_the_run_and_the_next_run_resumes_from
     assert lock_params(repo, "dedup")["dedup"]["threshold"] == 0.9
     assert lock_params(repo, "tokenize").get("tokenize", {}).get("vocab_size") != 700
     crashed_parent = parent_run(stack, crashed_id)
-    assert crashed_parent.info.status != "RUNNING"
+    crashed_children = mlflow_client(stack).search_runs(
+        [crashed_parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{crashed_parent.info.run_id}'"
+    )
+    statuses = {c.data.tags["llmops.stage"]: c.info.status for c in crashed_children}
+    assert crashed_parent.info.status == "FAILED" and "RUNNING" not in statuses.values()
+    assert statuses["dedup"] == "FINISHED" and statuses["tokenize"] == "FAILED"
     assert crashed_parent.data.tags["llmops.stage.dedup"] == "ran" and "llmops.stage.tokenize" not in crashed_parent.data.tags
 
     worker = start_worker()
@@ -216,6 +196,8 @@ def test_two_runs_at_once_on_one_checkout_queue_and_a_run_that_may_not_wait_fail
     refused = wait_for_state(stack, impatient, worker)
     assert refused["state_type"] == "FAILED"
     assert "another pipeline run is using" in flow_run_logs(stack, impatient)
+    experiment_id = mlflow_client(stack).get_experiment_by_name("llmops").experiment_id
+    assert not mlflow_client(stack).search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{impatient}'")
     assert wait_for_state(stack, first, worker)["state_type"] == "COMPLETED"
     assert wait_for_state(stack, second, worker)["state_type"] == "COMPLETED"
     assert "waiting up to" in flow_run_logs(stack, second)
