@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.repo_lock import RepoLock, repo_lock
+from flows.repo_lock import RepoLock, describe, repo_lock
 from tasks.common.accounting import check_accounting, read_stage_metrics
 from tasks.common.config import load_params, write_overrides
 from tasks.common.errors import ConfigError, StageError
@@ -135,25 +135,31 @@ def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def close_abandoned_run(previous_holder: dict[str, Any], logger) -> None:
-    """Mark KILLED the MLflow parent run of a pipeline run that died holding the lock (it can never finish it)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def close_runs_left_open(parent_run_id: str, reason: str, include_parent: bool) -> list[str]:
+    """Mark KILLED the stage runs nested under `parent_run_id` (and the parent itself, if asked) that are still RUNNING.
 
-    run_id = previous_holder.get("mlflow_run_id")
-    if not run_id:
-        return
+    A stage or flow process that is killed cannot end its own MLflow run, and a run left RUNNING
+    looks as if it were still going. Best effort: a failure to reach the tracking server is logged,
+    not raised, so it never hides why the pipeline stopped. Returns the run ids it closed.
+    """
+    import mlflow
+
     client = mlflow.MlflowClient()
+    closed: list[str] = []
     try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
-        client.set_terminated(run_id, status="KILLED")
-        client.set_tag(run_id, "llmops.ended_by", "crash: the run died holding the repository lock; the next run closed it")
-    except MlflowException as exc:  # e.g. that run was tracked elsewhere: nothing here to close
-        logger.warning("could not close the MLflow run %s of a pipeline run that died on this checkout: %s", run_id, exc)
-        return
-    holder = previous_holder.get("prefect_flow_run_id") or previous_holder.get("pid")
-    logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow run %s KILLED", holder, run_id)
+        parent = client.get_run(parent_run_id)
+        open_runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        )
+        if include_parent and parent.info.status == "RUNNING":
+            open_runs.append(parent)
+        for run in open_runs:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "llmops.ended_by", reason)
+            closed.append(run.info.run_id)
+    except Exception as exc:
+        get_run_logger().warning("could not close the MLflow runs of %s left open: %s", parent_run_id, exc)
+    return closed
 
 
 @flow(name="pipeline")
@@ -196,7 +202,9 @@ def _run_locked(
     stages = select_stages(stage_order(repo), from_stage, to_stage)
     uri = tracking_uri(params.tracking, repo)
     experiment_id = setup(params.tracking, repo)
-    close_abandoned_run(lock.previous_holder, logger)
+    if abandoned := lock.previous_holder.get("mlflow_run_id"):
+        if closed := close_runs_left_open(abandoned, "the pipeline run died holding the checkout; the next run closed it", include_parent=True):
+            logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow runs %s KILLED", describe(lock.previous_holder), ", ".join(closed))
     tags = {
         "llmops.pipeline": "true",
         "llmops.git_commit": git_commit(repo),
@@ -222,10 +230,15 @@ def _run_locked(
                 description="Where this pipeline run is tracked",
             )
         mlflow.log_params(flatten("", params.model_dump(by_alias=True)))
-        for stage in stages:
-            stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
-            results[stage] = stage_task(stage, repo, run_id, uri, params.paths.metrics)
-            mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
+        try:
+            for stage in stages:
+                stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
+                results[stage] = stage_task(stage, repo, run_id, uri, params.paths.metrics)
+                mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
+        except BaseException:
+            # A stage stopped mid-run (interrupt, cancel, lost worker) may not have ended its own MLflow run.
+            close_runs_left_open(run_id, "the pipeline run stopped while this stage ran", include_parent=False)
+            raise
         accounting = check_accounting(read_stage_metrics(repo / params.paths.metrics))
         if accounting:
             mlflow.log_metrics({f"accounting.{k}": v for k, v in accounting.items()})

@@ -167,7 +167,7 @@ def test_a_worker_killed_mid_stage_crashes_the_run_and_the_next_run_resumes_from
     )
     statuses = {c.data.tags["llmops.stage"]: c.info.status for c in crashed_children}
     assert crashed_parent.info.status == "FAILED" and "RUNNING" not in statuses.values()
-    assert statuses["dedup"] == "FINISHED" and statuses["tokenize"] == "FAILED"
+    assert statuses["dedup"] == "FINISHED" and statuses["tokenize"] in {"FAILED", "KILLED"}  # ended by the stage, or closed by the flow
     assert crashed_parent.data.tags["llmops.stage.dedup"] == "ran" and "llmops.stage.tokenize" not in crashed_parent.data.tags
 
     worker = start_worker()

@@ -1,4 +1,4 @@
-"""The checkout lock that keeps two pipeline runs from sharing one repository, and the MLflow link of a run."""
+"""The checkout lock that keeps two pipeline runs from sharing one repository; the MLflow link and clean-up of a run."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from flows.pipeline import mlflow_run_url
+from flows.pipeline import close_runs_left_open, mlflow_run_url
 from flows.repo_lock import RepoBusyError, repo_lock
 
 pytestmark = pytest.mark.unit
@@ -73,3 +73,26 @@ def test_a_holder_killed_with_sigkill_frees_the_lock_and_leaves_its_record_for_t
 def test_the_mlflow_link_is_a_ui_page_on_a_tracking_server_and_absent_for_a_local_store():
     assert mlflow_run_url("http://mlflow:5000/", "3", "r1") == "http://mlflow:5000/#/experiments/3/runs/r1"
     assert mlflow_run_url("sqlite:////tmp/mlflow.db", "3", "r1") is None
+
+
+def test_runs_a_killed_pipeline_left_running_are_closed_and_finished_ones_kept(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("llmops", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment_id).info.run_id
+    finished = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(finished, status="FINISHED")
+    left_open = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent}).info.run_id
+
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # what the flow's setup() does before it closes runs
+    try:
+        assert close_runs_left_open(parent, "test", include_parent=False) == [left_open]
+        assert client.get_run(parent).info.status == "RUNNING"
+        assert close_runs_left_open(parent, "test", include_parent=True) == [parent]
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    statuses = {run_id: client.get_run(run_id).info.status for run_id in (parent, finished, left_open)}
+    assert statuses == {parent: "KILLED", finished: "FINISHED", left_open: "KILLED"}
+    assert client.get_run(left_open).data.tags["llmops.ended_by"] == "test"
