@@ -3,6 +3,8 @@
 Each stage is a Prefect task that runs `dvc repro --single-item <stage>`, so DVC decides
 whether the stage is up to date and records the new data version in dvc.lock; the flow
 never re-declares the DAG. A killed run resumes from the first stage that is not up to date.
+One run per checkout at a time (flows/repo_lock.py); the MLflow parent run and the Prefect
+flow run link to each other.
 """
 
 from __future__ import annotations
@@ -10,20 +12,28 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.repo_lock import RepoLock, describe, repo_lock
 from tasks.common.accounting import check_accounting, read_stage_metrics
 from tasks.common.config import load_params, write_overrides
 from tasks.common.errors import ConfigError, StageError
 from tasks.common.tracking import PARENT_RUN_ENV, flatten, git_commit, setup, tracking_uri
 
 OUTPUT_TAIL_LINES = 40
+STOP_GRACE_S = 10
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+
+# The repository lock this process holds, by repo: the `dvc repro` children inherit it, so a
+# child that outlives a killed flow process keeps the checkout locked until it exits too.
+_held_locks: dict[Path, RepoLock] = {}
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -48,21 +58,44 @@ def select_stages(order: list[str], from_stage: str | None, to_stage: str | None
     return order[start:end]
 
 
-def _stream(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Run `cmd`, passing its output through (progress bars included), and return (exit code, output tail)."""
+def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    """Run `cmd`, passing its output through (progress bars included), and return (exit code, output tail).
+
+    The command runs in a process group of its own; if this process is interrupted, cancelled or
+    loses its output pipe, the whole group (dvc and the stage it started) is stopped before the
+    error propagates, so no orphan keeps writing outputs that a later run would race.
+    """
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=keep_fds)
     assert proc.stdout is not None
-    pending = b""
-    while chunk := proc.stdout.read1(65536):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-        pending += chunk
-        *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
-        tail.extend(line.decode(errors="replace") for line in lines if line.strip())
-    if pending.strip():
-        tail.append(pending.decode(errors="replace"))
-    return proc.wait(), "\n".join(tail)
+    try:
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            pending += chunk
+            *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
+            tail.extend(line.decode(errors="replace") for line in lines if line.strip())
+        if pending.strip():
+            tail.append(pending.decode(errors="replace"))
+        return proc.wait(), "\n".join(tail)
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    # SIGINT first: the stage sees KeyboardInterrupt, so its MLflow run ends FAILED and dvc records nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def stage_env(parent_run_id: str, uri: str) -> dict[str, str]:
@@ -73,7 +106,9 @@ def stage_env(parent_run_id: str, uri: str) -> dict[str, str]:
 @task(task_run_name="{stage}")
 def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_dir: str) -> dict[str, Any]:
     logger = get_run_logger()
-    code, tail = _stream([sys.executable, "-m", "dvc", "repro", "--single-item", stage], repo, stage_env(parent_run_id, uri))
+    lock = _held_locks.get(repo)
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    code, tail = _stream(cmd, repo, stage_env(parent_run_id, uri), keep_fds=(lock.fd,) if lock else ())
     if code != 0:
         raise StageError(f"stage '{stage}' failed (dvc exit code {code}). Last output:\n{tail}")
     cached = "didn't change, skipping" in tail
@@ -87,22 +122,78 @@ def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_
 
 @task(retries=2, retry_delay_seconds=5)
 def push_outputs(repo: Path) -> None:
-    """Copy every stage output to the DVC default remote (I/O, so it retries)."""
+    """Copy every stage output to the DVC default remote (network I/O, so it retries; stage tasks do not)."""
     code, tail = _stream([sys.executable, "-m", "dvc", "push"], repo, dict(os.environ))
     if code != 0:
         raise StageError(f"dvc push failed (exit {code}): {tail}")
 
 
+def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run when the tracking URI is a server (a local store has no UI address)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def close_runs_left_open(parent_run_id: str, reason: str, include_parent: bool) -> list[str]:
+    """Mark KILLED the stage runs nested under `parent_run_id` (and the parent itself, if asked) that are still RUNNING.
+
+    A stage or flow process that is killed cannot end its own MLflow run, and a run left RUNNING
+    looks as if it were still going. Best effort: a failure to reach the tracking server is logged,
+    not raised, so it never hides why the pipeline stopped. Returns the run ids it closed.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    closed: list[str] = []
+    try:
+        parent = client.get_run(parent_run_id)
+        open_runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        )
+        if include_parent and parent.info.status == "RUNNING":
+            open_runs.append(parent)
+        for run in open_runs:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "llmops.ended_by", reason)
+            closed.append(run.info.run_id)
+    except Exception as exc:
+        get_run_logger().warning("could not close the MLflow runs of %s left open: %s", parent_run_id, exc)
+    return closed
+
+
 @flow(name="pipeline")
 def pipeline(
-    from_stage: str | None = None, to_stage: str | None = None, overrides: list[str] | None = None, repo_dir: str = "."
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    overrides: list[str] | None = None,
+    repo_dir: str = ".",
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Run the DAG of dvc.yaml (optionally a slice of it) with params.yaml plus `overrides` (KEY=VALUE)."""
-    import mlflow
+    """Run the DAG of dvc.yaml (optionally a slice of it) with params.yaml plus `overrides` (KEY=VALUE).
+
+    One run per checkout at a time: a second run waits up to `lock_timeout_s` for the first, then fails naming it.
+    """
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
+    flow_run_id = str(flow_run.get_id() or "")
+    # Overrides are written to params.yaml, so they wait for the lock like everything else.
+    with repo_lock(repo, lock_timeout_s, {"prefect_flow_run_id": flow_run_id}, on_wait=logger.info) as lock:
+        _held_locks[repo] = lock
+        try:
+            return _run_locked(repo, from_stage, to_stage, overrides or [], lock, flow_run_id, logger)
+        finally:
+            _held_locks.pop(repo, None)
+
+
+def _run_locked(
+    repo: Path, from_stage: str | None, to_stage: str | None, overrides: list[str], lock: RepoLock, flow_run_id: str, logger
+) -> dict[str, Any]:
+    import mlflow
+    from prefect.runtime import deployment, flow_run
+
     params_file = repo / "params.yaml"
     if overrides:
         write_overrides(params_file, overrides)
@@ -111,29 +202,46 @@ def pipeline(
     stages = select_stages(stage_order(repo), from_stage, to_stage)
     uri = tracking_uri(params.tracking, repo)
     experiment_id = setup(params.tracking, repo)
+    if abandoned := lock.previous_holder.get("mlflow_run_id"):
+        if closed := close_runs_left_open(abandoned, "the pipeline run died holding the checkout; the next run closed it", include_parent=True):
+            logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow runs %s KILLED", describe(lock.previous_holder), ", ".join(closed))
     tags = {
         "llmops.pipeline": "true",
         "llmops.git_commit": git_commit(repo),
         "llmops.stages": ",".join(stages),
-        "llmops.overrides": ";".join(overrides or []),
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "llmops.overrides": ";".join(overrides),
+        "prefect.flow_run_id": flow_run_id,
     }
+    if os.environ.get("PREFECT_API_URL"):  # a real Prefect server, so the flow run has a page to link to
+        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+        if deployment.name:
+            tags["prefect.deployment"] = str(deployment.name)
     results: dict[str, Any] = {}
     with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
+        run_id = parent.info.run_id
+        lock.update(mlflow_run_id=run_id)
+        # Linked before any stage runs, so a run that fails or crashes still points at its MLflow record.
+        if url := mlflow_run_url(uri, experiment_id, run_id):
+            create_link_artifact(link=url, link_text=f"MLflow run {run_id}", key="mlflow-run", description="Where this pipeline run is tracked")
+        else:
+            create_markdown_artifact(
+                key="mlflow-run",
+                markdown=f"MLflow parent run `{run_id}` in experiment `{params.tracking.experiment}` at `{uri}`",
+                description="Where this pipeline run is tracked",
+            )
         mlflow.log_params(flatten("", params.model_dump(by_alias=True)))
-        for stage in stages:
-            stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
-            results[stage] = stage_task(stage, repo, parent.info.run_id, uri, params.paths.metrics)
-            mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
+        try:
+            for stage in stages:
+                stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
+                results[stage] = stage_task(stage, repo, run_id, uri, params.paths.metrics)
+                mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
+        except BaseException:
+            # A stage stopped mid-run (interrupt, cancel, lost worker) may not have ended its own MLflow run.
+            close_runs_left_open(run_id, "the pipeline run stopped while this stage ran", include_parent=False)
+            raise
         accounting = check_accounting(read_stage_metrics(repo / params.paths.metrics))
         if accounting:
             mlflow.log_metrics({f"accounting.{k}": v for k, v in accounting.items()})
         if params.pipeline.push:
             push_outputs(repo)
-        run_id = parent.info.run_id
-    create_markdown_artifact(
-        key="mlflow-run",
-        markdown=f"MLflow parent run `{run_id}` in experiment `{params.tracking.experiment}` at `{uri}`",
-        description="Where this pipeline run is tracked",
-    )
     return {"mlflow_run_id": run_id, "stages": results, "accounting": accounting}

@@ -3,69 +3,22 @@ git+DVC repo; then `dvc repro` re-runs nothing."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.ingest import stdlib_root
-
-from ..conftest import ROOT
-from ..training.conftest import MICRO
+from ..helpers import BIN, CORPUS_FILES, make_repo, sh, subprocess_env
 
 pytestmark = pytest.mark.e2e
-
-BIN = Path(sys.executable).parent
-CORPUS_FILES = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:20]
-
-
-def sh(*cmd, cwd, env=None, check=True):
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
-    return out
-
-
-def make_corpus(root: Path) -> Path:
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for path in CORPUS_FILES:
-        shutil.copy(path, corpus / f"{path.parent.name}_{path.name}")
-    decoder = (corpus / "json_decoder.py").read_text()
-    (corpus / "decoder_copy.py").write_text(decoder + "\n\n")  # exact duplicate (trailing whitespace only)
-    (corpus / "decoder_edit.py").write_text(decoder.replace("def ", "def  ", 3).replace("return", "return  ", 2) + "\nX = 1\n")
-    (corpus / "empty.py").write_text("")  # quarantined
-    return corpus
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    repo = root / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"]["source"] = str(make_corpus(root))
-    params["tokenize"]["vocab_size"] = 512
-    params["validate"]["min_pass_rate"] = 0.5
-    params["pretrain"].update(preset="micro", seq_len=32, batch_size=4, token_budget=4 * 32 * 12, eval_tokens=1024)
-    params["pretrain"]["presets"]["micro"] = MICRO
-    params["finetune"].update(max_steps=4, max_eval_pairs=8, max_train_pairs=64, batch_size=4)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "LLMOPS_PROGRESS": "0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "config", "user.email", "t@example.com", cwd=repo)
-    sh("git", "config", "user.name", "test", cwd=repo)
-    sh(BIN / "dvc", "init", "-q", cwd=repo, env=env)
-    sh(BIN / "dvc", "remote", "add", "-d", "local", str(root / "remote"), cwd=repo, env=env)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-qm", "init", cwd=repo)
+    env = subprocess_env(root)
+    repo = make_repo(root, env)
     run = sh(BIN / "llmops", "run", cwd=repo, env=env)
     return repo, root, env, run
 

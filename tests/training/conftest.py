@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,16 +15,8 @@ from tasks.common.config import TokenizeConfig, load_params
 from tasks.common.io import RECORD_SCHEMA, write_records
 from tasks.ingest import stdlib_root
 
-BIN = Path(sys.executable).parent
-MICRO = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "tie_word_embeddings": True,
-}
+from ..helpers import BIN, MICRO
+
 MICRO_MOE = {**MICRO, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True}
 
 

@@ -1,0 +1,214 @@
+"""The `pipeline` deployment on real servers: prefect.yaml deployed to a PostgreSQL-backed `prefect server`, run by a
+process worker, tracked on a PostgreSQL-backed `mlflow server`; a worker killed mid-stage; two runs at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from ..helpers import BIN, make_repo, sh, stop_process_tree
+from .servers import POOL, Process, Stack, http_json, poll
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+DEPLOYMENT = "pipeline/pipeline"
+DATA_STAGES = ["ingest", "validate", "dedup", "tokenize"]
+RUN_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def repo(stack: Stack, tmp_path_factory) -> Path:
+    """A checkout of the project on a tiny corpus, its process pool created and `prefect deploy --all` run from it."""
+    root = tmp_path_factory.mktemp("scheduled")
+    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "flows", "infra"))
+    stack.prefect("work-pool", "create", POOL, "--type", "process", cwd=repo)
+    stack.prefect("deploy", "--all", cwd=repo)
+    return repo
+
+
+@pytest.fixture
+def start_worker(stack: Stack, repo: Path):
+    """Start process-pool workers in the checkout; each is stopped, with its flow runs, when the test ends."""
+    started: list[Process] = []
+
+    def start() -> Process:
+        started.append(stack.start_worker(repo))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        stop_process_tree(worker.proc)
+
+
+def run_deployment(stack: Stack, repo: Path, **parameters) -> str:
+    return stack.run_deployment(repo, DEPLOYMENT, **parameters)
+
+
+def wait_for_state(stack: Stack, run_id: str, worker: Process | None = None, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    return stack.wait_for_end(run_id, timeout_s, worker)
+
+
+def mlflow_client(stack: Stack):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=stack.mlflow_uri)
+
+
+def parent_run(stack: Stack, flow_run_id: str):
+    client = mlflow_client(stack)
+    experiment = client.get_experiment_by_name("llmops")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1, f"expected one MLflow parent run tagged with flow run {flow_run_id}, found {len(runs)}"
+    return runs[0]
+
+
+def stage_tags(run) -> dict[str, str]:
+    return {stage: run.data.tags.get(f"llmops.stage.{stage}") for stage in DATA_STAGES}
+
+
+def dvc_status(stack: Stack, repo: Path) -> dict:
+    return json.loads(sh(BIN / "dvc", "status", "--json", cwd=repo, env=stack.env).stdout or "{}")
+
+
+def test_prefect_deploy_registers_the_weekly_pipeline_deployment_on_the_process_pool(stack, repo):
+    deployment = http_json(f"{stack.prefect_api}/deployments/name/{DEPLOYMENT}")
+    assert deployment is not None, "prefect deploy --all did not create pipeline/pipeline"
+    assert deployment["work_pool_name"] == POOL
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
+    assert deployment["parameters"] == {"from_stage": None, "to_stage": None, "overrides": [], "repo_dir": ".", "lock_timeout_s": 3600}
+    assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_the_container_variants_deploy_to_pools_built_from_their_job_templates(stack, repo, kind):
+    pool = f"llmops-{kind}"
+    template = f"infra/prefect/{kind}-base-job-template.json"
+    stack.prefect("work-pool", "create", pool, "--type", kind, "--base-job-template", template, cwd=repo)
+    stack.prefect("deploy", "--all", "--prefect-file", f"infra/prefect/prefect.{kind}.yaml", cwd=repo)
+    work_pool = http_json(f"{stack.prefect_api}/work_pools/{pool}")
+    assert work_pool["type"] == kind
+    assert work_pool["base_job_template"]["variables"]["properties"]["image"]["default"] == "llmops-pipeline:latest"
+    deployment = http_json(f"{stack.prefect_api}/deployments/name/pipeline/pipeline-{kind}")
+    assert deployment["work_pool_name"] == pool
+    assert deployment["pull_steps"][0] == {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/llmops"}}
+    assert http_json(f"{stack.prefect_api}/deployments/name/{DEPLOYMENT}")["work_pool_name"] == POOL  # the process deployment is untouched
+
+
+def test_a_deployment_run_completes_and_the_mlflow_server_holds_its_runs(stack, repo, start_worker):
+    worker = start_worker()
+    run_id = run_deployment(stack, repo, to_stage="tokenize", overrides=["tokenize.vocab_size=600"])
+    run = wait_for_state(stack, run_id, worker)
+    assert run["state_type"] == "COMPLETED", f"flow run ended {run['state_type']}: {run['state']['message']}\n{worker.log.read_text()[-4000:]}"
+
+    parent = parent_run(stack, run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["llmops.git_commit"] == sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert parent.data.tags["llmops.overrides"] == "tokenize.vocab_size=600"
+    assert parent.data.tags["prefect.flow_run_url"].endswith(f"/flow-runs/flow-run/{run_id}")
+    assert stage_tags(parent) == dict.fromkeys(DATA_STAGES, "ran")
+    client = mlflow_client(stack)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["llmops.stage"] for c in children) == sorted(DATA_STAGES)
+    assert all(c.info.status == "FINISHED" and c.data.metrics for c in children)
+    tokenize = next(c for c in children if c.data.tags["llmops.stage"] == "tokenize")
+    assert tokenize.data.params["tokenize.vocab_size"] == "600"
+    assert "metrics" in {a.path for a in client.list_artifacts(tokenize.info.run_id)}  # served from the server's artifact store
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(DATA_STAGES)
+    assert all(out["md5"] for stage in lock["stages"].values() for out in stage["outs"])
+    assert dvc_status(stack, repo) == {}
+
+    artifacts = http_json(f"{stack.prefect_api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["mlflow-run"]}}})
+    assert artifacts, f"no artifact named mlflow-run on flow run {run_id}"
+    assert artifacts[0]["data"] == f"[MLflow run {parent.info.run_id}]({stack.mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})"
+
+
+def stage_process(repo: Path, stage: str) -> psutil.Process | None:
+    """The live `llmops stage <stage>` process working in this checkout, if any."""
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.info["cwd"] == str(repo) and cmdline[-2:] == ["stage", stage]:
+            return proc
+    return None
+
+
+def lock_params(repo: Path, stage: str) -> dict:
+    """The params DVC recorded for `stage` in dvc.lock (what its recorded outputs were made with)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return lock["stages"].get(stage, {}).get("params", {}).get("params.yaml", {})
+
+
+def test_a_worker_killed_mid_stage_crashes_the_run_and_the_next_run_resumes_from_that_stage(stack, repo, start_worker):
+    # New dedup and tokenize params put both out of date; ingest and validate stay up to date.
+    overrides = ["dedup.threshold=0.9", "tokenize.vocab_size=700"]
+    worker = start_worker()
+    crashed_id = run_deployment(stack, repo, to_stage="tokenize", overrides=overrides)
+    poll(lambda: stage_process(repo, "tokenize"), RUN_TIMEOUT_S, "the tokenize stage never started", interval_s=0.1, proc=worker.proc, log=worker.log)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+
+    crashed = wait_for_state(stack, crashed_id, timeout_s=120)
+    assert crashed["state_type"] == "CRASHED", f"flow run ended {crashed['state_type']}: {crashed['state']['message']}"
+    poll(lambda: stage_process(repo, "tokenize") is None, 30, "the killed run's tokenize stage outlived it")
+    # DVC kept what finished (dedup) and accepted nothing of the interrupted stage.
+    assert list(dvc_status(stack, repo)) == ["tokenize"]
+    assert lock_params(repo, "dedup")["dedup"]["threshold"] == 0.9
+    assert lock_params(repo, "tokenize").get("tokenize", {}).get("vocab_size") != 700
+    crashed_parent = parent_run(stack, crashed_id)
+    crashed_children = mlflow_client(stack).search_runs(
+        [crashed_parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{crashed_parent.info.run_id}'"
+    )
+    statuses = {c.data.tags["llmops.stage"]: c.info.status for c in crashed_children}
+    assert crashed_parent.info.status == "FAILED" and "RUNNING" not in statuses.values()
+    assert statuses["dedup"] == "FINISHED" and statuses["tokenize"] in {"FAILED", "KILLED"}  # ended by the stage, or closed by the flow
+    assert crashed_parent.data.tags["llmops.stage.dedup"] == "ran" and "llmops.stage.tokenize" not in crashed_parent.data.tags
+
+    worker = start_worker()
+    resumed_id = run_deployment(stack, repo, to_stage="tokenize", overrides=overrides)
+    resumed = wait_for_state(stack, resumed_id, worker)
+    assert resumed["state_type"] == "COMPLETED", f"resumed run ended {resumed['state_type']}: {resumed['state']['message']}"
+    assert stage_tags(parent_run(stack, resumed_id)) == {"ingest": "cached", "validate": "cached", "dedup": "cached", "tokenize": "ran"}
+    assert dvc_status(stack, repo) == {}
+    assert lock_params(repo, "tokenize")["tokenize"]["vocab_size"] == 700
+
+
+def flow_run_logs(stack: Stack, run_id: str) -> str:
+    logs = http_json(f"{stack.prefect_api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}) or []
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def test_two_runs_at_once_on_one_checkout_queue_and_a_run_that_may_not_wait_fails_clearly(stack, repo, start_worker):
+    worker = start_worker()
+    # The first run redoes validate, dedup and tokenize: long enough for the others to arrive while it holds the checkout.
+    first = run_deployment(stack, repo, to_stage="tokenize", overrides=["validate.max_line_chars=9000", "tokenize.vocab_size=800"])
+    lock_file = repo / ".dvc" / "tmp" / "llmops-pipeline.lock"
+    poll(lambda: lock_file.exists() and first in lock_file.read_text(), RUN_TIMEOUT_S, "the first run never took the repository lock", log=worker.log)
+    second = run_deployment(stack, repo, to_stage="tokenize", overrides=["tokenize.vocab_size=900"])
+    impatient = run_deployment(stack, repo, to_stage="tokenize", overrides=["tokenize.vocab_size=1000"], lock_timeout_s=0)
+
+    refused = wait_for_state(stack, impatient, worker)
+    assert refused["state_type"] == "FAILED"
+    assert "another pipeline run is using" in flow_run_logs(stack, impatient)
+    experiment_id = mlflow_client(stack).get_experiment_by_name("llmops").experiment_id
+    assert not mlflow_client(stack).search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{impatient}'")
+    assert wait_for_state(stack, first, worker)["state_type"] == "COMPLETED"
+    assert wait_for_state(stack, second, worker)["state_type"] == "COMPLETED"
+    assert "waiting up to" in flow_run_logs(stack, second)
+
+    # The runs did not overlap, and each stage saw the params of its own run.
+    runs = {run_id: parent_run(stack, run_id) for run_id in (first, second)}
+    assert runs[first].info.end_time <= runs[second].info.start_time
+    client = mlflow_client(stack)
+    for run_id, vocab_size in ((first, "800"), (second, "900")):
+        parent = runs[run_id].info
+        children = client.search_runs([parent.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.`llmops.stage` = 'tokenize'")
+        assert [c.data.params["tokenize.vocab_size"] for c in children] == [vocab_size]
+    assert lock_params(repo, "tokenize")["tokenize"]["vocab_size"] == 900
+    assert dvc_status(stack, repo) == {}
