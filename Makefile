@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 help:
 	@echo "make run    - create .venv if missing, install, run the whole default pipeline"
-	@echo "make test   - same install, then the test suite (unit + integration + e2e)"
+	@echo "make test   - same install, then the test suite (unit, training, integration, e2e)"
 	@echo "make bench  - throughput benchmarks (not part of make test)"
 
 # torch first and pinned: an unpinned torch requirement pulls a multi-GB CUDA build.
