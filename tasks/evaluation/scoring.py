@@ -33,7 +33,9 @@ def pass_at_k(samples: list[int], correct: list[int], k: int) -> float:
 
 
 def syntax_valid(prompt: str, body: str) -> bool:
-    """The prompt (signature + docstring) with the generated body is a Python module that parses."""
+    """The generated body is not blank and, after the prompt (signature + docstring), makes a module that parses."""
+    if not body.strip():
+        return False  # the docstring alone would parse: an empty generation is no body
     try:
         ast.parse(prompt + body)
     except (SyntaxError, ValueError):

@@ -69,6 +69,7 @@ def test_syntax_exact_and_fuzzy_match():
     prompt = 'def f(x):\n    """Double."""\n'
     assert syntax_valid(prompt, "    return 2 * x\n")
     assert not syntax_valid(prompt, "    return 2 *\n")
+    assert not syntax_valid(prompt, "  \n"), "an empty body is not a generated body"
     assert exact_match("    return 2 * x   \n\n", "    return 2 * x\n")
     assert not exact_match("    return x * 2\n", "    return 2 * x\n")
     assert fuzzy_match("    return 2 * x\n", "    return 2 * x\n") == 1.0
