@@ -82,7 +82,7 @@ def humaneval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> tuple[dict[str
     problems = list(read_problems().values())[: cfg.max_problems]
     started = time.perf_counter()
     completions = complete(
-        model, tokenizer, [p["prompt"] for p in problems], samples=cfg.samples_per_problem, max_new_tokens=cfg.max_new_tokens,
+        model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in problems], samples=cfg.samples_per_problem, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, desc="evaluate: HumanEval generation",
     )
     generation_s = time.perf_counter() - started
@@ -131,7 +131,7 @@ def instruction_match(model: Any, tokenizer: Any, params: Params) -> tuple[dict[
     references = [p["messages"][-1]["content"] for p in pairs]
     started = time.perf_counter()
     outputs = [c[0] for c in complete(
-        model, tokenizer, prompts, samples=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        model, tokenizer, [p["messages"][:-1] for p in pairs], samples=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, desc="evaluate: eval-split generation",
     )]
     seconds = time.perf_counter() - started

@@ -54,17 +54,18 @@ def perplexity(model: Any, blocks: Any, *, batch_size: int, desc: str) -> Perple
     return Perplexity(perplexity=math.exp(mean) if mean < 50 else float("inf"), loss=mean, tokens=total_tokens)
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
-    """The prompt as the fine-tuned model saw prompts in training (its chat template; `code` leaves it as is)."""
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The turns before the answer as the fine-tuned model saw prompts in training (its chat template; the `code`
+    template concatenates them as they are); without a template, the contents concatenated."""
     if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return "".join(m["content"] for m in messages)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def complete(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[list[dict[str, str]]],
     *,
     samples: int,
     max_new_tokens: int,
@@ -74,7 +75,8 @@ def complete(
     seed: int,
     desc: str,
 ) -> list[list[str]]:
-    """`samples` completions per prompt, each cut at EOS or the first stop sequence: greedy when samples == 1.
+    """`samples` completions per prompt (its messages before the answer), each cut at EOS or the first stop
+    sequence: greedy when samples == 1.
 
     Prompts are left-padded and grouped by length (less padding); generation of a row ends at EOS or a stop
     string, the batch when every row has ended.
