@@ -81,9 +81,10 @@ def humaneval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> tuple[dict[str
     isolated = sandbox_mode(cfg)  # before generating: fail fast, not after minutes of generation
     problems = list(read_problems().values())[: cfg.max_problems]
     started = time.perf_counter()
+    prompts = [[{"role": "user", "content": p["prompt"]}] for p in problems]
     completions = complete(
-        model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in problems], samples=cfg.samples_per_problem, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, desc="evaluate: HumanEval generation",
+        model, tokenizer, prompts, samples=cfg.samples_per_problem, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, desc="evaluate: HumanEval generation",
     )
     generation_s = time.perf_counter() - started
     programs = [scoring.humaneval_program(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]

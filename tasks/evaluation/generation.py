@@ -45,7 +45,10 @@ def perplexity(model: Any, blocks: Any, *, batch_size: int, desc: str) -> Perple
         for start in progress(starts, desc=desc, unit="batch", total=len(starts)):
             ids = torch.stack([blocks[i]["input_ids"] for i in range(start, min(start + batch_size, len(blocks)))])
             if int(ids.max()) >= vocab:
-                raise DataError(f"evaluate: token id {int(ids.max())} is outside the model's vocabulary ({vocab}); the token split was made with another tokenizer. Re-run tokenize.")
+                raise DataError(
+                    f"evaluate: token id {int(ids.max())} is outside the model's vocabulary ({vocab}): the held-out split was "
+                    "made with another tokenizer. Re-run tokenize (`dvc repro`)."
+                )
             loss = model(input_ids=ids, labels=ids).loss  # mean over the batch's predicted tokens
             predicted = ids.shape[0] * (ids.shape[1] - 1)
             total_loss += float(loss) * predicted
