@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 from tasks.common.errors import DataError
 from tasks.common.result import progress
 from tasks.evaluation.scoring import STOP_SEQUENCES, truncate_at_stop
+
+
+log = logging.getLogger("llmops.evaluate")
 
 
 @dataclass
@@ -65,6 +69,12 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Prompt tokens kept (the end of the prompt: the signature being completed): prompt + answer fit the model's
+    context where they can, and at least half the context goes to the prompt."""
+    return max(context - max_new_tokens, context // 2, 1)
+
+
 def complete(
     model: Any,
     tokenizer: Any,
@@ -88,10 +98,14 @@ def complete(
     from transformers import set_seed
 
     set_seed(seed)
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    budget = prompt_budget(context, max_new_tokens)
+    if budget + max_new_tokens > context:
+        log.warning("%s: prompt (up to %d tokens) + max_new_tokens (%d) exceed the model's context of %d tokens; "
+                    "generation runs past the length it was trained on", desc, budget, max_new_tokens, context)
     rows = [(i, render_prompt(tokenizer, p)) for i, p in enumerate(prompts) for _ in range(samples)]
     backend = tokenizer.backend_tokenizer
-    encoded = [(i, backend.encode(text, add_special_tokens=False).ids[-(limit - max_new_tokens) :]) for i, text in rows]
+    encoded = [(i, backend.encode(text, add_special_tokens=False).ids[-budget:]) for i, text in rows]
     order = sorted(range(len(encoded)), key=lambda j: len(encoded[j][1]))
     out: list[list[str]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id

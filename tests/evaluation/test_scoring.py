@@ -65,6 +65,15 @@ def test_humaneval_program_is_prompt_completion_tests_and_check():
     assert program.rstrip().endswith("check(add)")
 
 
+def test_prompts_keep_their_end_and_fit_the_context_where_they_can():
+    from tasks.evaluation.generation import prompt_budget
+
+    assert prompt_budget(256, 128) == 128
+    assert prompt_budget(2048, 128) == 1920
+    assert prompt_budget(32, 128) == 16  # a tiny context: half of it still goes to the prompt
+    assert prompt_budget(1, 128) == 1
+
+
 def test_syntax_exact_and_fuzzy_match():
     prompt = 'def f(x):\n    """Double."""\n'
     assert syntax_valid(prompt, "    return 2 * x\n")
