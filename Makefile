@@ -43,6 +43,7 @@ test-e2e: install
 bench: install
 	$(BIN)/python benchmarks/bench_stages.py
 	$(BIN)/python benchmarks/bench_dedup.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 clean:
 	rm -rf data models reports metrics mlflow.db mlartifacts .dvcstore

@@ -26,6 +26,7 @@ from tasks.common.accounting import check_accounting, read_stage_metrics
 from tasks.common.config import load_params, write_overrides
 from tasks.common.errors import ConfigError, StageError
 from tasks.common.tracking import PARENT_RUN_ENV, flatten, git_commit, setup, tracking_uri
+from tasks.stages import metrics_filename
 
 OUTPUT_TAIL_LINES = 40
 STOP_GRACE_S = 10
@@ -112,7 +113,7 @@ def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_
     if code != 0:
         raise StageError(f"stage '{stage}' failed (dvc exit code {code}). Last output:\n{tail}")
     cached = "didn't change, skipping" in tail
-    metrics_file = repo / metrics_dir / f"{stage}.json"
+    metrics_file = repo / metrics_dir / metrics_filename(stage)
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten("", metrics).items()]
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {'up to date (cached)' if cached else 'ran'}")

@@ -20,6 +20,17 @@ class Stage:
     sections: tuple[str, ...]  # params sections the stage reads (logged as MLflow params)
     inputs: Callable[[Params], list[str]]  # data directories it reads (logged as MLflow datasets)
     distributed: bool = False  # may run as several processes (train.launcher)
+    metrics_name: str = ""  # metrics/<metrics_name>.json; "" = the stage name
+
+
+def metrics_filename(name: str) -> str:
+    """A stage's metrics file name, as dvc.yaml declares it under `metrics` (evaluate writes eval.json)."""
+    stage = STAGES.get(name)
+    return f"{(stage.metrics_name if stage else '') or name}.json"
+
+
+def metrics_path(name: str, params: Params) -> Path:
+    return Path(params.paths.metrics) / metrics_filename(name)
 
 
 def _ingest(p: Params) -> StageResult:
@@ -59,6 +70,19 @@ def _finetune(p: Params) -> StageResult:
     return finetune.run(p)
 
 
+def _evaluate(p: Params) -> StageResult:
+    from tasks import evaluate
+
+    return evaluate.run(p)
+
+
+def _evaluate_inputs(p: Params) -> list[str]:
+    from tasks import evaluate
+
+    base = evaluate.base_model_dir(p) if p.evaluate.compare_base else None
+    return [p.paths.finetune_model, p.paths.tokens, p.paths.instructions] + ([str(base)] if base else [])
+
+
 def _finetune_inputs(p: Params) -> list[str]:
     data = [p.finetune.data] if p.finetune.data else [p.paths.dedup]
     return data + ([] if p.model.base else [p.paths.pretrain_model])
@@ -71,6 +95,7 @@ STAGES: dict[str, Stage] = {
     "tokenize": Stage(_tokenize, ("tokenize", "model"), lambda p: [p.paths.dedup]),
     "pretrain": Stage(_pretrain, ("pretrain", "train", "model"), lambda p: [p.paths.tokens], distributed=True),
     "finetune": Stage(_finetune, ("finetune", "train", "model"), _finetune_inputs, distributed=True),
+    "evaluate": Stage(_evaluate, ("evaluate",), _evaluate_inputs, metrics_name="eval"),
 }
 
 
@@ -83,7 +108,7 @@ def run_stage(name: str, params: Params, *, track: bool = True, params_file: Pat
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
-    metrics_file = Path(params.paths.metrics) / f"{name}.json"
+    metrics_file = metrics_path(name, params)
     section_params = {s: params.model_dump(by_alias=True)[s] for s in stage.sections}
     from tasks.training import launch
 

@@ -10,7 +10,6 @@ that the drift monitor compares new data against.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any

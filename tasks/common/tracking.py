@@ -115,3 +115,12 @@ def log_result(result: StageResult, metrics_file: Path) -> None:
         elif path.exists():
             mlflow.log_artifact(str(path))
     mlflow.set_tag("llmops.summary", result.summary)
+
+
+def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows (one dict each, same keys) as an MLflow table of the active stage run; nothing without one (tests)."""
+    import mlflow
+
+    if mlflow.active_run() is None or not rows:
+        return
+    mlflow.log_table(data={key: [row[key] for row in rows] for key in rows[0]}, artifact_file=artifact_file)

@@ -37,7 +37,8 @@ def mlflow_runs(repo: Path):
 
 def test_flow_runs_every_stage_and_the_records_add_up(repo):
     repo, _, _, run = repo
-    assert "pipeline done" in run.stderr and "ran ingest, validate, dedup, tokenize, pretrain, finetune" in run.stderr
+    console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
+    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, evaluate" in console
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -53,7 +54,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -86,6 +87,23 @@ def test_training_stages_log_per_step_curves_and_the_model_to_mlflow(repo):
     assert finetune.data.metrics["pairs.train"] > 0
     inputs = {i.dataset.name for i in finetune.inputs.dataset_inputs}
     assert inputs == {"data/dedup", "models/pretrain"}
+
+
+def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_path):
+    repo, _, env, _ = repo
+    client, runs = mlflow_runs(repo)
+    evaluate = next(r for r in runs if r.data.tags.get("llmops.stage") == "evaluate")
+    eval_metrics = metrics(repo, "eval")
+    assert eval_metrics["humaneval"]["problems"] == 2 and eval_metrics["humaneval"]["sandboxed"] is True
+    for name in ("perplexity.perplexity", "base_perplexity.perplexity", "humaneval.pass_at_1", "instructions.syntax_valid_rate",
+                 "instructions.exact_match", "instructions.fuzzy_match"):
+        assert name in evaluate.data.metrics, name
+    assert evaluate.data.metrics["humaneval.pass_at_1"] == eval_metrics["humaneval"]["pass_at_1"]
+    assert {"eval_samples.json", "samples.jsonl", "metrics"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    table = json.loads(Path(client.download_artifacts(evaluate.info.run_id, "eval_samples.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 2 + 3 and set(table["columns"]) >= {"task", "prompt", "output", "passed"}
+    shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env)
+    assert "humaneval.pass_at_1" in shown.stdout or '"pass_at_1"' in shown.stdout
 
 
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):

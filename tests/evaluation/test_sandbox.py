@@ -1,0 +1,178 @@
+"""The execution sandbox for generated code: a program that deletes or writes files outside its working directory,
+opens a socket, fork-bombs, loops or eats memory is stopped and harms nothing; a correct program passes.
+
+Each attack is also run without isolation where that is safe to do (socket, write to a file the test owns), to show
+the attack itself works and that the sandbox is what stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.common.config import EvaluateConfig
+from tasks.evaluate import sandbox_mode
+from tasks.evaluation.sandbox import UID_BASE, UID_SPAN, Limits, SandboxUnavailable, isolation_problem, run_program
+
+pytestmark = pytest.mark.eval
+
+LIMITS = Limits(timeout_s=3.0, memory_mb=512, max_processes=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sandbox_works_here():
+    problem = isolation_problem()
+    assert problem is None, f"the sandbox must work on this machine (root + unshare): {problem}"
+
+
+@pytest.fixture
+def open_dir():
+    """A world-writable directory with a world-writable canary: file permissions would let the program's user
+    delete or write here, so only the read-only mounts can stop it."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="llmops-open-", dir="/tmp"))
+    path.chmod(0o777)
+    canary = path / "canary.txt"
+    canary.write_text("alive")
+    canary.chmod(0o666)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sandbox_processes() -> list[int]:
+    """Processes on the machine that run under one of the sandbox's user ids."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            uid_line = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if UID_BASE <= int(uid_line.split()[1]) < UID_BASE + UID_SPAN:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_correct_solution_passes_and_a_wrong_one_fails():
+    tests = "def check(f):\n    assert f(2, 3) == 5\ncheck(add)\n"
+    assert run_program("def add(a, b):\n    return a + b\n" + tests, LIMITS).status == "passed"
+    wrong = run_program("def add(a, b):\n    return a - b\n" + tests, LIMITS)
+    assert wrong.status == "failed" and "AssertionError" in wrong.output
+
+
+def test_the_program_runs_as_an_unprivileged_user_in_a_fresh_working_directory():
+    out = run_program("import os\nprint(os.getuid(), os.getcwd(), sorted(os.listdir('.')))\n", LIMITS)
+    uid, cwd, listing = out.output.split(" ", 2)
+    assert out.passed and UID_BASE <= int(uid) < UID_BASE + UID_SPAN
+    assert listing.strip() == "['program.py']"
+    assert not Path(cwd).exists() or not any(Path(cwd).iterdir()), "the host never sees the working directory's files"
+
+
+def test_deleting_a_file_outside_the_workdir_fails_and_the_canary_survives(open_dir, tmp_path):
+    canary = open_dir / "canary.txt"
+    out = run_program(f"import os\nos.remove({str(canary)!r})\n", LIMITS)
+    assert out.status == "failed" and "Read-only file system" in out.output, out.output
+    out = run_program(f"import shutil\nshutil.rmtree({str(open_dir)!r})\n", LIMITS)
+    assert out.status == "failed"
+    private = tmp_path / "canary.txt"  # root's own files: also out of the unprivileged user's reach
+    private.write_text("alive")
+    assert run_program(f"import os\nos.remove({str(private)!r})\n", LIMITS).status == "failed"
+    assert canary.read_text() == "alive" and private.read_text() == "alive"
+
+
+@pytest.mark.parametrize("where", ["test_dir", "/tmp", "/dev/shm", "repo"])
+def test_writing_outside_the_workdir_fails(open_dir, where):
+    from ..conftest import ROOT
+
+    target_dir = {"test_dir": open_dir, "/tmp": Path("/tmp"), "/dev/shm": Path("/dev/shm"), "repo": ROOT}[where]
+    target = target_dir / f"llmops-sandbox-escape-{os.getpid()}.txt"
+    attack = f"open({str(target)!r}, 'w').write('escaped')\n"
+    try:
+        out = run_program(attack, LIMITS)
+        assert out.status == "failed" and "Read-only file system" in out.output, out.output
+        assert not target.exists()
+        if where == "test_dir":  # the same program outside the sandbox does write: the sandbox is what stops it
+            assert run_program(attack, LIMITS, isolated=False).passed and target.read_text() == "escaped"
+    finally:
+        target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("port", ["listener", 5432])
+def test_a_socket_to_localhost_cannot_connect(port):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        target = server.getsockname()[1] if port == "listener" else port
+        attack = f"import socket\nsocket.create_connection(('127.0.0.1', {target}), timeout=2).close()\nprint('connected')\n"
+        out = run_program(attack, LIMITS)
+        assert out.status == "failed" and "connected" not in out.output
+        assert "Network is unreachable" in out.output, out.output
+        if port == "listener":  # the host's listener is reachable without the sandbox
+            assert run_program(attack, LIMITS, isolated=False).passed
+
+
+def test_the_process_limit_refuses_forks_beyond_it():
+    attack = (
+        "import os, time\nchildren = 0\n"
+        "while True:\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30)\n"
+        "            os._exit(0)\n"
+        "        children += 1\n"
+        "    except OSError as exc:\n"
+        "        print('refused after', children, exc.errno)\n"
+        "        raise SystemExit(1)\n"
+    )
+    out = run_program(attack, LIMITS)
+    assert out.status == "failed" and "refused after" in out.output, out.output
+    children = int(out.output.split("refused after")[1].split()[0])
+    assert 0 < children < LIMITS.max_processes
+    assert out.seconds < LIMITS.timeout_s, "a refused fork ends the program, not the timeout"
+    assert _eventually_empty(sandbox_processes)
+
+
+def test_a_fork_bomb_is_stopped_and_leaves_no_process_behind():
+    before = len([p for p in Path("/proc").iterdir() if p.name.isdigit()])
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    started = time.monotonic()
+    out = run_program(bomb, LIMITS)
+    assert out.status == "timeout"
+    assert time.monotonic() - started < LIMITS.timeout_s + 3
+    assert _eventually_empty(sandbox_processes), "every process of the bomb is gone"
+    after = len([p for p in Path("/proc").iterdir() if p.name.isdigit()])
+    assert after <= before + 5, (before, after)
+
+
+def test_an_infinite_loop_times_out():
+    out = run_program("while True:\n    pass\n", Limits(timeout_s=1.0))
+    assert out.status == "timeout" and out.exit_code is None
+    assert out.seconds < 3
+
+
+def test_memory_beyond_the_address_space_limit_fails():
+    out = run_program("block = bytearray(2 << 30)\n", LIMITS)
+    assert out.status == "failed" and "MemoryError" in out.output
+
+
+def test_without_unshare_the_stage_refuses_unless_unsandboxed_runs_are_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no `unshare`
+    with pytest.raises(SandboxUnavailable, match="unshare.*allow_unsandboxed"):
+        sandbox_mode(EvaluateConfig())
+    assert sandbox_mode(EvaluateConfig(allow_unsandboxed=True)) is False
+
+
+def _eventually_empty(probe, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while probe():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
