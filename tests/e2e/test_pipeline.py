@@ -144,7 +144,7 @@ def test_llmops_ui_serves_the_projects_runs_over_http(repo):
         port = s.getsockname()[1]
     proc = subprocess.Popen([BIN / "llmops", "ui", "--port", str(port)], cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         body = None
         while time.monotonic() < deadline and body is None:
             try:
@@ -155,7 +155,7 @@ def test_llmops_ui_serves_the_projects_runs_over_http(repo):
             except OSError:
                 assert proc.poll() is None, "llmops ui exited before serving"
                 time.sleep(1)
-        assert body is not None, "llmops ui did not answer within 90 s"
+        assert body is not None, "llmops ui did not answer within 180 s (MLflow UI start is slow on loaded cores)"
         assert body["experiment"]["name"] == "llmops"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
