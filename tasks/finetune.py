@@ -134,20 +134,11 @@ def run(params: Params) -> StageResult:
     max_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.max_steps:
         max_steps = min(max_steps, cfg.max_steps)
-    optim = runtime.Optim(
-        lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=max_steps,
+    optim = runtime.Optim.of(cfg, max_steps=max_steps)
+    run_dir = runtime.checkpoint_dir(
+        Path(params.paths.checkpoints), "finetune", cfg, train, base=base, base_weights=_weights_digest(base),
+        pairs=[p.id for p in train_pairs[:50]] + [len(train_examples)],
     )
-    fingerprint = {
-        "stage": "finetune",
-        "finetune": cfg.model_dump(),
-        "train": train.model_dump(include={"seed", "precision", "gradient_checkpointing", "device"}),
-        "world_size": world,
-        "base": base,
-        "base_weights": _weights_digest(base),
-        "pairs": [p.id for p in train_pairs[:50]] + [len(train_examples)],
-    }
-    run_dir = Path(params.paths.checkpoints) / "finetune" / runtime.run_key(fingerprint)
     train_ds = PairDataset(train_examples, seed=train.seed)
     eval_ds = PairDataset(eval_examples, seed=None) if eval_examples else None
     collator = pair_collator(tokenizer, packing=cfg.packing)
@@ -204,7 +195,7 @@ def _evaluate(model: Any, tokenizer: Any, eval_ds: Any, collator: Any, train: An
 
     from tasks.training import runtime
 
-    args = runtime.training_arguments(train, optim, run_dir / "eval-before", has_eval=True)
+    args = runtime.training_arguments(train, optim, run_dir / "eval-before")
     trainer = Trainer(model=model, args=args, eval_dataset=eval_ds, data_collator=collator, processing_class=tokenizer)
     runtime.quiet(trainer)
     return float(trainer.evaluate()["eval_loss"])

@@ -62,26 +62,11 @@ def _pretrain(params: Params, out: Path) -> StageResult:
         eval_ds = TokenBlocks(tokens_dir / "val.bin", meta["dtype"], cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
     world = runtime.world_size()
     step_tokens = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
-    optim = runtime.Optim(
-        lr=cfg.lr,
-        min_lr_ratio=cfg.min_lr_ratio,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        max_steps=max(1, math.ceil(cfg.token_budget / step_tokens)),
+    optim = runtime.Optim.of(cfg, max_steps=max(1, math.ceil(cfg.token_budget / step_tokens)))
+    run_dir = runtime.checkpoint_dir(
+        Path(params.paths.checkpoints), "pretrain", cfg, train, model=config.to_dict(),
+        tokens=meta["tokenizer_sha256"], train_bin=runtime.file_digest(tokens_dir / "train.bin"),
     )
-    fingerprint = {
-        "stage": "pretrain",
-        "pretrain": cfg.model_dump(),
-        "train": train.model_dump(include={"seed", "precision", "gradient_checkpointing", "device"}),
-        "world_size": world,
-        "model": config.to_dict(),
-        "tokens": meta["tokenizer_sha256"],
-        "train_bin": runtime.file_digest(tokens_dir / "train.bin"),
-    }
-    run_dir = Path(params.paths.checkpoints) / "pretrain" / runtime.run_key(fingerprint)
     n_params = parameter_count(model)
     non_embedding = parameter_count(model, non_embedding=True)
     fpt = flops_per_token(config, non_embedding, cfg.seq_len)

@@ -35,6 +35,15 @@ class Optim:
     grad_accum: int
     max_steps: int  # > 0 always: pretrain derives it from the token budget, finetune from epochs
 
+    @classmethod
+    def of(cls, section: Any, max_steps: int) -> Optim:
+        """The knobs of a `pretrain` or `finetune` params section (same field names in both)."""
+        return cls(
+            lr=section.lr, min_lr_ratio=section.min_lr_ratio, warmup_steps=section.warmup_steps,
+            weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm,
+            batch_size=section.batch_size, grad_accum=section.grad_accum, max_steps=max_steps,
+        )
+
 
 @dataclass
 class FitResult:
@@ -81,6 +90,19 @@ def run_key(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_dir(root: Path, stage: str, section: Any, train: TrainConfig, **inputs: Any) -> Path:
+    """checkpoints/<stage>/<run key>: the key covers the stage's params, what changes the numbers in
+    `train`, the process count, and `inputs` (model config, data digests)."""
+    fingerprint = {
+        "stage": stage,
+        stage: section.model_dump(),
+        "train": train.model_dump(include={"seed", "precision", "gradient_checkpointing", "device"}),
+        "world_size": world_size(),
+        **inputs,
+    }
+    return Path(root) / stage / run_key(fingerprint)
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,7 +128,7 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def training_arguments(train: TrainConfig, optim: Optim, output_dir: Path, *, has_eval: bool) -> Any:
+def training_arguments(train: TrainConfig, optim: Optim, output_dir: Path) -> Any:
     from transformers import TrainingArguments
 
     cuda = use_cuda(train)
@@ -304,7 +326,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     configure_progress()
     resume = last_complete_checkpoint(run_dir)
-    args = training_arguments(train, optim, run_dir, has_eval=eval_dataset is not None)
+    args = training_arguments(train, optim, run_dir)
     callback = TrackingCallback(flops_per_token, peak_flops() if use_cuda(train) else None)
     trainer = Trainer(
         model=model,
