@@ -91,10 +91,10 @@ def poll(check: Callable[[], object], timeout_s: float, what: str, interval_s: f
         time.sleep(interval_s)
 
 
-def http_json(url: str, payload: dict | None = None, timeout_s: float = 10):
-    """GET (or POST `payload` to) a JSON endpoint; None while the server does not answer."""
+def http_json(url: str, payload: dict | None = None, timeout_s: float = 10, method: str | None = None):
+    """GET (or POST `payload` to, or `method`) a JSON endpoint; None while the server does not answer."""
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read() or b"null")

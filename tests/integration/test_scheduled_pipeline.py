@@ -87,6 +87,42 @@ def test_prefect_deploy_registers_the_weekly_pipeline_deployment_on_the_process_
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
 
 
+def test_prefect_deploy_registers_the_daily_monitor_and_the_event_driven_deploy(stack, repo):
+    monitor = http_json(f"{stack.prefect_api}/deployments/name/monitor/monitor")
+    assert monitor is not None, "prefect deploy --all did not create monitor/monitor"
+    assert monitor["work_pool_name"] == POOL
+    assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["0 4 * * *"]
+    assert monitor["parameters"] == {"batch": "data/incoming/*.jsonl", "retrain": True}
+    deploy = http_json(f"{stack.prefect_api}/deployments/name/deploy/deploy")
+    assert deploy is not None, "prefect deploy --all did not create deploy/deploy"
+    assert deploy["schedules"] == [] and deploy["work_pool_name"] == POOL
+    assert deploy["global_concurrency_limit"]["limit"] == 1
+    automations = http_json(f"{stack.prefect_api}/automations/filter", {}) or []
+    linked = [a for a in automations if a["actions"] and a["actions"][0].get("deployment_id") == deploy["id"]]
+    assert len(linked) == 1, f"expected one automation running deploy/deploy, found {[a['name'] for a in automations]}"
+    assert linked[0]["trigger"]["expect"] == ["llmops.champion.changed"]
+
+
+def test_a_champion_changed_event_schedules_a_deploy_run_of_that_model(stack, repo):
+    """What `register` emits when the gate promotes a model makes the server start `deploy` for it (no worker here:
+    the run is checked while scheduled, then deleted, so later tests' workers never serve it)."""
+    deploy_id = http_json(f"{stack.prefect_api}/deployments/name/deploy/deploy")["id"]
+    stack.prefect(
+        "event", "emit", "llmops.champion.changed", "--resource-id", "mlflow.model.llmops-code",
+        "--payload", json.dumps({"name": "llmops-code", "version": "7"}), cwd=repo,
+    )
+
+    def deploy_runs():
+        return http_json(f"{stack.prefect_api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deploy_id]}}}) or None
+
+    runs = poll(deploy_runs, 90, "the champion-changed event never started a deploy run")
+    try:
+        assert [r["parameters"]["model"] for r in runs] == ["llmops-code@champion"]
+    finally:
+        for run in runs:
+            http_json(f"{stack.prefect_api}/flow_runs/{run['id']}", method="DELETE")
+
+
 @pytest.mark.parametrize("kind", ["docker", "kubernetes"])
 def test_the_container_variants_deploy_to_pools_built_from_their_job_templates(stack, repo, kind):
     pool = f"llmops-{kind}"
