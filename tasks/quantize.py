@@ -19,6 +19,7 @@ from tasks.common.errors import DataError
 from tasks.common.io import atomic_dir
 from tasks.common.result import StageResult
 from tasks.quantization import measure, recipes
+from tasks.quantization.console import quiet_compressor
 
 log = logging.getLogger("llmops.quantize")
 BASELINE = "unquantized"
@@ -148,20 +149,16 @@ def run(params: Params) -> StageResult:
         log.warning("quantize: skipping %s: %s", scheme, reason)
     schemes = [s for s in cfg.schemes if s not in skipped]
     in_features = recipes.quantized_in_features(model_dir)
-    group_size = recipes.w4a16_group_size(in_features, cfg.w4a16_group_size) if "w4a16" in schemes else 0
-    plans = {s: recipes.modifiers(s, cfg, group_size) for s in schemes}  # every check done before any work
+    group_size = recipes.w4a16_group_size(in_features, cfg.w4a16_group_size) if "w4a16" in schemes else 0  # checked before any work
     calibration = calibration_dataset(tokens, cfg)
     prompt = latency_prompt(tokens, cfg)
 
     out, report = Path(params.paths.quantized), Path(params.paths.reports) / "quantize"
-    with atomic_dir(out) as tmp, atomic_dir(report) as report_tmp:
-        from tasks.quantization.console import quiet_compressor
-
+    with atomic_dir(out) as tmp, atomic_dir(report) as report_tmp, quiet_compressor(report_tmp / COMPRESSOR_LOG):
         seconds = {}
-        with quiet_compressor(report_tmp / COMPRESSOR_LOG):
-            for scheme, modifiers in plans.items():
-                log.info("quantize: %s (%d calibration blocks of %d tokens)", scheme, len(calibration), cfg.calibration_seq_len)
-                seconds[scheme] = quantize(model_dir, modifiers, calibration, cfg, tmp / scheme)
+        for scheme in schemes:
+            log.info("quantize: %s (%d calibration blocks of %d tokens)", scheme, len(calibration), cfg.calibration_seq_len)
+            seconds[scheme] = quantize(model_dir, recipes.modifiers(scheme, cfg, group_size), calibration, cfg, tmp / scheme)
         base = score(BASELINE, model_dir, params, prompt)
         rows = [base] + [{**compare(score(s, tmp / s, params, prompt), base, cfg), "quantize_seconds": seconds[s]} for s in schemes]
         notes = [

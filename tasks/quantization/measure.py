@@ -36,6 +36,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _warm_up(model_dir: Path) -> None:
+    """Import and initialise what any model of this architecture needs (its modeling module, compressed-tensors, CPU
+    kernels), so the memory measured next is the model's and not the libraries' (~0.5 GB here)."""
+    import compressed_tensors  # noqa: F401  (loaded for every model alike, quantized or not)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    config.quantization_config = None
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)
+    with torch.inference_mode():
+        torch.nn.functional.linear(torch.ones(2, 8), torch.ones(8, 8)).softmax(-1)
+
+
 def measure(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> Footprint:
     """Load, one forward pass, then `repeats` timed greedy generations of exactly `new_tokens` tokens after a warm-up."""
     import resource
@@ -46,6 +61,7 @@ def measure(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: in
 
     from tasks.evaluation.generation import load_model
 
+    _warm_up(model_dir)
     before = _rss_bytes()
     model, tokenizer = load_model(model_dir)
     ids = torch.tensor([prompt_ids])
