@@ -204,12 +204,20 @@ def resolve(spec: str, params: Params, *, quantized: str = "", dest: Path | None
 
 
 def log_version(
-    name: str, model_dir: Path, params: Params, *, tags: dict[str, str], artifact: str = HF_ARTIFACT, flavor: bool = True
+    name: str,
+    model_dir: Path,
+    params: Params,
+    *,
+    tags: dict[str, str],
+    artifact: str = HF_ARTIFACT,
+    flavor: bool = True,
+    metrics: dict[str, float] | None = None,
 ) -> Any:
     """Register `model_dir` (an HF directory) as a new version of `name` from the active MLflow run.
 
     Logs the directory as run artifacts under `artifact` and, with `flavor`, the transformers flavor
-    (task text-generation, logged from the directory without loading the model); returns the ModelVersion.
+    (task text-generation, logged from the directory without loading the model) with `metrics` attached
+    to the logged model, so the MLflow UI compares models side by side; returns the ModelVersion.
     """
     import mlflow
 
@@ -227,6 +235,8 @@ def log_version(
             str(model_dir), name=FLAVOR_ARTIFACT if artifact == HF_ARTIFACT else f"{FLAVOR_ARTIFACT}-{artifact}",
             task="text-generation", pip_requirements=pip_requirements(model_dir),
         )
+        if metrics:
+            mlflow.log_metrics(metrics, model_id=info.model_id)
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     else:
         try:
