@@ -296,7 +296,7 @@ def run(params: Params) -> StageResult:
         params_file = Path(PARAMS_FILE)
         if params_file.is_file():
             mlflow.log_artifact(str(params_file))
-            params_md5 = md5_files([params_file])
+            params_md5 = hashlib.md5(params_file.read_bytes()).hexdigest()  # what `md5sum params.yaml` prints
         else:
             mlflow.log_dict(params.model_dump(by_alias=True), "params.json")
             params_md5 = hashlib.md5(json.dumps(params.model_dump(by_alias=True), sort_keys=True).encode()).hexdigest()
