@@ -63,14 +63,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def client(params: Params) -> Any:
-    """An MlflowClient on the project's tracking store (MLFLOW_TRACKING_URI wins), registry on the same store."""
+    """An MlflowClient on the project's tracking store (MLFLOW_TRACKING_URI wins), registry on the same store.
+
+    The fluent API (download_artifacts, register_model, load_model) follows the tracking URI set here; the registry
+    URI is left unset so it always follows the tracking URI, never a store an earlier call pointed at.
+    """
     import mlflow
 
     from tasks.common.tracking import tracking_uri
 
     uri = tracking_uri(params.tracking)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -188,9 +191,11 @@ def resolve(spec: str, params: Params, *, quantized: str = "", dest: Path | None
     The files go to `dest` (default `<paths.registry>/<name>/<version>/`).
     """
     local = Path(spec).expanduser()
+    if not spec.startswith(MODEL_URI_PREFIX) and quantized and (local / quantized.lower() / "config.json").is_file():
+        return ModelRef(name="", version="", path=local / quantized.lower(), run_id="", tags={})  # e.g. models/quantized + w8a8
     if not spec.startswith(MODEL_URI_PREFIX) and (local / "config.json").is_file():
         if quantized:
-            local = local / quantized.lower() if (local / quantized.lower() / "config.json").is_file() else local
+            raise RegistryError(f"{spec}: a local model directory with no {quantized.lower()}/ subdirectory; pass the quantized directory itself")
         return ModelRef(name="", version="", path=local, run_id="", tags={})
     if not spec.startswith(MODEL_URI_PREFIX) and "@" not in spec and (local.exists() or os.sep in spec):
         raise RegistryError(f"{spec}: not a model directory (no config.json) and not a registry spec NAME@ALIAS")
