@@ -82,6 +82,12 @@ def _quantize(p: Params) -> StageResult:
     return quantize.run(p)
 
 
+def _register(p: Params) -> StageResult:
+    from tasks import register
+
+    return register.run(p)
+
+
 def _evaluate_inputs(p: Params) -> list[str]:
     from tasks import evaluate
 
@@ -103,6 +109,7 @@ STAGES: dict[str, Stage] = {
     "finetune": Stage(_finetune, ("finetune", "train", "model"), _finetune_inputs, distributed=True),
     "evaluate": Stage(_evaluate, ("evaluate",), _evaluate_inputs, metrics_name="eval"),
     "quantize": Stage(_quantize, ("quantize", "evaluate"), lambda p: [p.paths.finetune_model, p.paths.tokens]),
+    "register": Stage(_register, ("register",), lambda p: [p.paths.finetune_model, p.paths.quantized], metrics_name="register"),
 }
 
 
