@@ -278,3 +278,28 @@ def valid_alias(alias: str) -> str:
     if re.fullmatch(r"v\d+", alias) or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
         raise RegistryError(f"alias {alias!r}: use letters, digits, _ and - (v<number> is reserved by MLflow)")
     return alias
+
+
+def list_versions(name: str, params: Params) -> list[dict[str, str]]:
+    """Every version of `name` and of its quantized variants (`name-*`), newest first, with aliases and key tags."""
+    mlflow_client = client(params)
+    models = [m for m in mlflow_client.search_registered_models(f"name LIKE '{name}%'") if m.name == name or m.name.startswith(f"{name}-")]
+    rows = []
+    for model in sorted(models, key=lambda m: m.name):
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in sorted(mlflow_client.search_model_versions(f"name = '{model.name}'"), key=lambda v: -int(v.version)):
+            tags = version.tags or {}
+            rows.append({
+                "name": model.name,
+                "version": str(version.version),
+                "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                "pass_at_1": tags.get("llmops.metric.pass_at_1", ""),
+                "perplexity": tags.get("llmops.metric.perplexity", ""),
+                "base_version": tags.get("llmops.base_version", ""),
+                "git_commit": tags.get("llmops.git_commit", "")[:10],
+                "eval_data": tags.get("llmops.eval_data", "")[:10],
+                "run_id": version.run_id or "",
+            })
+    return rows
