@@ -123,7 +123,8 @@ def alias_version(name: str, alias: str, params: Params) -> str | None:
 
 
 def set_alias(name: str, alias: str, version: str, params: Params) -> None:
-    client(params).set_registered_model_alias(name, valid_alias(alias), str(version))
+    valid_alias(alias)  # before connecting: a bad alias is a config mistake, not a store problem
+    client(params).set_registered_model_alias(name, alias, str(version))
 
 
 def delete_alias(name: str, alias: str, params: Params) -> None:
