@@ -19,7 +19,6 @@ from typing import Any
 from tasks.common.config import Params
 from tasks.common.errors import RegistryError
 
-ALIASES = ("challenger", "champion", "production")
 HF_ARTIFACT = "hf"  # run artifact path of a version's plain HF directory (tag llmops.hf_artifact holds it)
 FLAVOR_ARTIFACT = "model"  # name of the logged transformers-flavor model
 SOURCE_FILE = ".registry.json"  # written into a download: which run it came from (a stale copy is re-fetched)
@@ -33,11 +32,6 @@ class ModelRef:
     path: Path  # local HF model directory (config.json + safetensors + tokenizer files)
     run_id: str  # MLflow run that logged this version ("" for a local path)
     tags: dict[str, str] = field(default_factory=dict)  # the version's tags (lineage)
-
-    @property
-    def spec(self) -> str:
-        """`NAME@VERSION`, or the local path."""
-        return f"{self.name}@{self.version}" if self.name else str(self.path)
 
 
 def model_name(params: Params, scheme: str = "") -> str:
