@@ -111,12 +111,9 @@ def eval_data_fingerprint(params: Params) -> str:
     return md5_files(files, json.dumps(knobs, sort_keys=True))
 
 
-def model_fingerprint(model_dir: Path, params: Params) -> str:
-    """DVC's md5 of the model directory when dvc.lock has it, else an md5 of its files."""
-    from tasks.common.tracking import dvc_lock_md5
-
-    md5 = dvc_lock_md5(str(model_dir)) if Path(model_dir) == Path(params.paths.finetune_model) else None
-    return md5 or "files:" + md5_files(sorted(p for p in Path(model_dir).iterdir() if p.is_file()))
+def model_fingerprint(model_dir: Path) -> str:
+    """md5 of the model directory's files, read now (dvc.lock may describe an older workspace when run by hand)."""
+    return md5_files(sorted(p for p in Path(model_dir).iterdir() if p.is_file()))
 
 
 def tokenizer_md5(model_dir: Path) -> str:
@@ -187,7 +184,7 @@ def register_model_dir(
     name: str, model_dir: Path, params: Params, tags: dict[str, str], artifact: str, metrics: dict[str, float]
 ) -> tuple[Any, bool]:
     """(version, reused): a new version of `name`, or the one already registered from these files with its tags updated."""
-    model_md5 = model_fingerprint(model_dir, params)
+    model_md5 = model_fingerprint(model_dir)
     tags = {**tags, "llmops.model_md5": model_md5}
     if (version := existing_version(name, model_md5, params)) is not None:
         client = registry.client(params)

@@ -19,7 +19,6 @@ from typing import Any
 from tasks.common.config import Params
 from tasks.common.errors import RegistryError
 
-ALIASES = ("challenger", "champion", "production")
 HF_ARTIFACT = "hf"  # run artifact path of a version's plain HF directory (tag llmops.hf_artifact holds it)
 FLAVOR_ARTIFACT = "model"  # name of the logged transformers-flavor model
 SOURCE_FILE = ".registry.json"  # written into a download: which run it came from (a stale copy is re-fetched)
@@ -33,11 +32,6 @@ class ModelRef:
     path: Path  # local HF model directory (config.json + safetensors + tokenizer files)
     run_id: str  # MLflow run that logged this version ("" for a local path)
     tags: dict[str, str] = field(default_factory=dict)  # the version's tags (lineage)
-
-    @property
-    def spec(self) -> str:
-        """`NAME@VERSION`, or the local path."""
-        return f"{self.name}@{self.version}" if self.name else str(self.path)
 
 
 def model_name(params: Params, scheme: str = "") -> str:
@@ -123,7 +117,8 @@ def alias_version(name: str, alias: str, params: Params) -> str | None:
 
 
 def set_alias(name: str, alias: str, version: str, params: Params) -> None:
-    client(params).set_registered_model_alias(name, valid_alias(alias), str(version))
+    valid_alias(alias)  # before connecting: a bad alias is a config mistake, not a store problem
+    client(params).set_registered_model_alias(name, alias, str(version))
 
 
 def delete_alias(name: str, alias: str, params: Params) -> None:
@@ -278,3 +273,28 @@ def valid_alias(alias: str) -> str:
     if re.fullmatch(r"v\d+", alias) or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
         raise RegistryError(f"alias {alias!r}: use letters, digits, _ and - (v<number> is reserved by MLflow)")
     return alias
+
+
+def list_versions(name: str, params: Params) -> list[dict[str, str]]:
+    """Every version of `name` and of its quantized variants (`name-*`), newest first, with aliases and key tags."""
+    mlflow_client = client(params)
+    models = [m for m in mlflow_client.search_registered_models(f"name LIKE '{name}%'") if m.name == name or m.name.startswith(f"{name}-")]
+    rows = []
+    for model in sorted(models, key=lambda m: m.name):
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in sorted(mlflow_client.search_model_versions(f"name = '{model.name}'"), key=lambda v: -int(v.version)):
+            tags = version.tags or {}
+            rows.append({
+                "name": model.name,
+                "version": str(version.version),
+                "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                "pass_at_1": tags.get("llmops.metric.pass_at_1", ""),
+                "perplexity": tags.get("llmops.metric.perplexity", ""),
+                "base_version": tags.get("llmops.base_version", ""),
+                "git_commit": tags.get("llmops.git_commit", "")[:10],
+                "eval_data": tags.get("llmops.eval_data", "")[:10],
+                "run_id": version.run_id or "",
+            })
+    return rows

@@ -207,6 +207,9 @@ def test_quantized_variants_are_linked_versions(proj):
     assert (ref.path / "config.json").read_text() == (quantized / "config.json").read_text()
     with pytest.raises(RegistryError, match="no registered w4a16 variant"):
         registry.resolve(f"{NAME}@champion", params, quantized="w4a16")
+    listed = {(row["name"], row["version"]): row for row in registry.list_versions(NAME, params)}
+    assert set(listed) == {(NAME, "1"), (f"{NAME}-w8a8", "1")}
+    assert listed[(f"{NAME}-w8a8", "1")]["aliases"] == "challenger,champion" and listed[(f"{NAME}-w8a8", "1")]["base_version"] == "1"
 
 
 def test_unreachable_prefect_api_does_not_fail_the_stage(proj, monkeypatch):

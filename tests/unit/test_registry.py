@@ -77,7 +77,7 @@ def test_unknown_model_and_unknown_alias_are_clear_registry_errors(store):
     assert registry.alias_version("empty", "champion", params) is None
 
 
-def test_reserved_version_aliases_are_refused(store):
+def test_reserved_version_aliases_are_refused():
     with pytest.raises(RegistryError, match="v<number> is reserved"):
         registry.set_alias("anything", "v3", "1", parse_params({}))
 
