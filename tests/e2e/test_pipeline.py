@@ -38,7 +38,7 @@ def mlflow_runs(repo: Path):
 def test_flow_runs_every_stage_and_the_records_add_up(repo):
     repo, _, _, run = repo
     console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
-    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, evaluate" in console
+    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, quantize, evaluate" in console
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -54,7 +54,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -104,6 +104,20 @@ def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_pa
     assert len(table["data"]) == 2 + 3 and set(table["columns"]) >= {"task", "prompt", "output", "passed"}
     shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env)
     assert "humaneval.pass_at_1" in shown.stdout or '"pass_at_1"' in shown.stdout
+
+
+def test_quantize_logs_the_quantization_table_to_mlflow_and_dvc_metrics(repo, tmp_path):
+    repo, _, env, _ = repo
+    client, runs = mlflow_runs(repo)
+    quantize = next(r for r in runs if r.data.tags.get("llmops.stage") == "quantize")
+    quantized = metrics(repo, "quantize")
+    assert quantized["w8a8"]["size_ratio"] > 1 and quantized["w4a16"]["size_ratio"] > 1
+    assert quantize.data.metrics["w8a8.perplexity_increase"] == pytest.approx(quantized["w8a8"]["perplexity_increase"])
+    table = json.loads(Path(client.download_artifacts(quantize.info.run_id, "quantize_table.json", str(tmp_path))).read_text())
+    assert [row[table["columns"].index("scheme")] for row in table["data"]][:3] == ["unquantized", "w8a8", "w4a16"]
+    assert (repo / "models" / "quantized" / "w8a8" / "config.json").exists()
+    shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env).stdout
+    assert "metrics/quantize.json" in shown and '"size_ratio"' in shown
 
 
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):
