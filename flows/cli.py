@@ -72,7 +72,7 @@ def run(
         console.print(f"records: {a['records_in']} in = {a['kept']} kept + {a['quarantined']} quarantined + {a['duplicates']} duplicates")
     console.print(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, repo)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
     console.print(f"data: {params.paths.raw}, {params.paths.validated}, {params.paths.quarantine}, {params.paths.dedup}, {params.paths.duplicates}, {params.paths.tokens}, {params.paths.instructions}")
-    console.print(f"models: {params.paths.tokenizer}, {params.paths.pretrain_model}, {params.paths.finetune_model} (LoRA merged), {params.paths.adapter}")
+    console.print(f"models: {params.paths.tokenizer}, {params.paths.pretrain_model}, {params.paths.finetune_model} (LoRA merged), {params.paths.adapter}, {params.paths.quantized}/<scheme> (table: {params.paths.reports}/quantize/table.md)")
     console.print(f"metrics: `dvc metrics show` ({params.paths.metrics}/*.json); Data Docs: {params.paths.reports}/validate/data_docs/index.html")
     if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
         console.print(

@@ -90,7 +90,7 @@ def score(name: str, model_dir: Path, params: Params, prompt: list[int]) -> dict
         model, tokenizer = load_model(model_dir)
         he, _ = humaneval(model, tokenizer, params.evaluate)
         row["pass_at_1"] = he["pass_at_1"]
-        del model
+        del model  # not resident while the footprint child runs
     footprint = measure.measure_in_child(model_dir, prompt, cfg.latency_new_tokens, cfg.latency_repeats)
     row.update(size_mb=measure.disk_mb(model_dir), load_mb=footprint.load_mb, peak_rss_mb=footprint.peak_rss_mb,
                weights_mb=footprint.weights_mb, ms_per_token=footprint.ms_per_token, threads=footprint.threads)
@@ -148,8 +148,9 @@ def run(params: Params) -> StageResult:
     for scheme, reason in skipped.items():
         log.warning("quantize: skipping %s: %s", scheme, reason)
     schemes = [s for s in cfg.schemes if s not in skipped]
-    in_features = recipes.quantized_in_features(model_dir)
-    group_size = recipes.w4a16_group_size(in_features, cfg.w4a16_group_size) if "w4a16" in schemes else 0  # checked before any work
+    group_size = 0
+    if "w4a16" in schemes:  # checked before any work
+        group_size = recipes.w4a16_group_size(recipes.quantized_in_features(model_dir), cfg.w4a16_group_size)
     calibration = calibration_dataset(tokens, cfg)
     prompt = latency_prompt(tokens, cfg)
 

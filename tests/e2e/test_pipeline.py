@@ -38,7 +38,7 @@ def mlflow_runs(repo: Path):
 def test_flow_runs_every_stage_and_the_records_add_up(repo):
     repo, _, _, run = repo
     console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
-    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, evaluate" in console
+    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, quantize, evaluate" in console
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -54,7 +54,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "register"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize", "register"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -124,6 +124,20 @@ def test_register_leaves_a_champion_version_with_lineage_tags(repo):
     assert all(tags[f"llmops.run.{stage}"] == stage_runs[stage] for stage in ("ingest", "finetune", "evaluate"))
     assert float(tags["llmops.metric.pass_at_1"]) == metrics(repo, "eval")["humaneval"]["pass_at_1"]
     assert tags["llmops.git_commit"] == parent.data.tags["llmops.git_commit"]
+
+
+def test_quantize_logs_the_quantization_table_to_mlflow_and_dvc_metrics(repo, tmp_path):
+    repo, _, env, _ = repo
+    client, runs = mlflow_runs(repo)
+    quantize = next(r for r in runs if r.data.tags.get("llmops.stage") == "quantize")
+    quantized = metrics(repo, "quantize")
+    assert quantized["w8a8"]["size_ratio"] > 1 and quantized["w4a16"]["size_ratio"] > 1
+    assert quantize.data.metrics["w8a8.perplexity_increase"] == pytest.approx(quantized["w8a8"]["perplexity_increase"])
+    table = json.loads(Path(client.download_artifacts(quantize.info.run_id, "quantize_table.json", str(tmp_path))).read_text())
+    assert [row[table["columns"].index("scheme")] for row in table["data"]][:3] == ["unquantized", "w8a8", "w4a16"]
+    assert (repo / "models" / "quantized" / "w8a8" / "config.json").exists()
+    shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env).stdout
+    assert "metrics/quantize.json" in shown and '"size_ratio"' in shown
 
 
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):

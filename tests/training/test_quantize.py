@@ -149,6 +149,21 @@ def test_unknown_scheme_is_a_config_error_naming_the_key_and_the_allowed_values(
         load_params(tmp_path / "params.yaml")
 
 
+def test_w4a16_group_size_auto_picks_64_for_the_default_tiny_preset_and_rejects_128(tmp_path):
+    from transformers import AutoConfig
+
+    from tasks.quantization import recipes
+
+    preset = dict(load_params(Path(__file__).resolve().parents[2] / "params.yaml").pretrain.presets["tiny"])
+    AutoConfig.for_model(preset.pop("model_type"), vocab_size=512, **preset).save_pretrained(tmp_path)
+    in_features = recipes.quantized_in_features(tmp_path)
+    assert "lm_head" not in in_features and set(in_features.values()) == {192, 512}  # hidden, intermediate
+    assert recipes.w4a16_group_size(in_features, 0) == 64
+    assert recipes.w4a16_group_size(in_features, 32) == 32
+    with pytest.raises(ConfigError, match=r"'quantize\.w4a16_group_size' is 128.*e\.g\. 64"):
+        recipes.w4a16_group_size(in_features, 128)
+
+
 def test_a_group_size_that_does_not_divide_the_layers_fails_before_any_output(quantized, tmp_path, monkeypatch):
     project, _ = quantized
     copy = tmp_path / "proj"
