@@ -38,7 +38,7 @@ def mlflow_runs(repo: Path):
 def test_flow_runs_every_stage_and_the_records_add_up(repo):
     repo, _, _, run = repo
     console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
-    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, quantize, evaluate" in console
+    assert "pipeline done" in console and "ran ingest, validate, dedup, tokenize, pretrain, finetune, quantize, evaluate, register" in console
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
