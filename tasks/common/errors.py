@@ -15,3 +15,7 @@ class DataError(LlmopsError):
 
 class StageError(LlmopsError):
     """A stage could not run or finish (a DVC stage failed, an upstream output is missing)."""
+
+
+class ServeError(LlmopsError):
+    """A model server did not start, did not become healthy, or failed its smoke or load test."""
