@@ -17,5 +17,9 @@ class StageError(LlmopsError):
     """A stage could not run or finish (a DVC stage failed, an upstream output is missing)."""
 
 
+class RegistryError(LlmopsError):
+    """A registered model, alias or version does not exist, or a registry download is incomplete."""
+
+
 class ServeError(LlmopsError):
     """A model server did not start, did not become healthy, or failed its smoke or load test."""
