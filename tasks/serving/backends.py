@@ -90,14 +90,9 @@ def choose_backend(requested: str) -> str:
 
 
 def _executable(name: str) -> str:
-    """The console script of this environment (beside sys.executable), else the one on PATH."""
+    """The console script of this environment (beside sys.executable), else the one on PATH (launch says so if neither exists)."""
     local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise ServeError(f"`{name}` is not installed in this environment ({sys.executable}).")
-    return found
+    return str(local) if local.exists() else shutil.which(name) or name
 
 
 def vllm_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:

@@ -117,7 +117,10 @@ class Server:
 def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+        try:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+        except FileNotFoundError:
+            raise ServeError(f"`{cmd[0]}` is not installed in this environment ({sys.executable}).") from None
 
 
 def _backend_env(backend: str, key: str, cache_dir: Path) -> dict[str, str]:
