@@ -78,6 +78,7 @@ def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: 
         params["pretrain"]["presets"]["micro"] = MICRO
         params["finetune"].update(max_steps=4, max_eval_pairs=8, max_train_pairs=64, batch_size=4)
         params["evaluate"].update(seq_len=32, eval_tokens=1024, batch_size=8, max_problems=2, max_new_tokens=8, max_pairs=3, timeout_s=3.0)
+        params["serve"].update(port=0, load_requests=8, load_max_tokens=8, smoke_max_tokens=4, cb_num_blocks=32)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     else:
         shutil.copy(ROOT / "params.yaml", repo / "params.yaml")

@@ -88,7 +88,8 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], timeout_s:
             upstream = await client.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
             return JSONResponse({"error": {"message": f"backend unreachable: {type(exc).__name__}", "type": "server_error"}}, status_code=502)
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "content-encoding"}
+        # The body goes through as raw bytes, so content-encoding (if the backend compressed it) stays true.
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
         return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=out_headers, background=BackgroundTask(upstream.aclose))
 
     return app
