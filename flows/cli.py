@@ -131,6 +131,13 @@ def _deploy_champion(params, repo: Path, keep_serving: bool) -> None:
     console.print(result["summary"])
 
 
+def _stop_servers_on_sigterm() -> None:
+    """SIGTERM (docker stop, kill, a process manager) unwinds like Ctrl-C, so the `finally` that stops the servers runs."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="NAME@ALIAS, NAME@VERSION or a local HF model directory (default: <register.model_name>@production).")] = "",
@@ -147,6 +154,7 @@ def serve(
     from tasks.serving.proxy import API_KEY_ENV
     from tasks.serving.server import api_key, start
 
+    _stop_servers_on_sigterm()
     try:
         from tasks.registry import model_name, resolve
 
@@ -182,6 +190,7 @@ def deploy(
     keep_serving: Annotated[bool, typer.Option(help="Leave the server running after the tests pass.")] = False,
 ) -> None:
     """The deploy flow: serve the model, smoke- and load-test it, and on success point the `production` alias at it."""
+    _stop_servers_on_sigterm()
     try:
         from flows.deploy import deploy as deploy_flow
 

@@ -183,3 +183,34 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "backend process exited" in runs[0].data.tags["llmops.deploy.failure"]
     assert server_processes_left(project / params.paths.registry) == []
+
+
+def test_llmops_serve_runs_until_sigterm_and_leaves_no_process(project, micro_model):
+    import signal
+    import time
+
+    from tasks.serving.server import free_port
+
+    model_dir = shutil.copytree(micro_model, project / "cli-model")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "llmops"), "serve", "--model", str(model_dir), "--backend", "transformers", "--port", str(port)],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert [m["id"] for m in models["data"]] == ["cli-model"]
+        proc.send_signal(signal.SIGTERM)  # to the CLI only: it must stop the backend and proxy it started
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "serving cli-model at" in output and API_KEY not in output
+    assert server_processes_left(model_dir) == []
