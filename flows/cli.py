@@ -76,6 +76,11 @@ def run(
     console.print(f"data: {params.paths.raw}, {params.paths.validated}, {params.paths.quarantine}, {params.paths.dedup}, {params.paths.duplicates}, {params.paths.tokens}, {params.paths.instructions}")
     console.print(f"models: {params.paths.tokenizer}, {params.paths.pretrain_model}, {params.paths.finetune_model} (LoRA merged), {params.paths.adapter}")
     console.print(f"metrics: `dvc metrics show` ({params.paths.metrics}/*.json); Data Docs: {params.paths.reports}/validate/data_docs/index.html")
+    if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
+        console.print(
+            f"registry: {registered['model_name']} version {registered['version']} is challenger, gate {registered['decision']}; "
+            f"champion is version {registered['champion_after']}  ->  `llmops models`"
+        )
     if deploy_after and params.serve.after_run and to_stage is None:
         _deploy_champion(params, repo, keep_serving)
 
@@ -112,6 +117,33 @@ def ui(
     uri = tracking_uri(params.tracking)
     console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
+
+
+@app.command()
+def models(
+    name: Annotated[str, typer.Option(help="Registered model name (default: register.model_name).")] = "",
+    params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
+) -> None:
+    """List the registered model's versions (and its quantized variants) with aliases, gate metrics and lineage."""
+    from rich.table import Table
+
+    from tasks import registry
+    from tasks.common.config import load_params
+
+    try:
+        params = load_params(params_file)
+        rows = registry.list_versions(name or registry.model_name(params), params)
+    except LlmopsError as exc:
+        _fail(exc)
+    if not rows:
+        console.print(f"no registered versions of {name or registry.model_name(params)} yet: `llmops run` registers one")
+        return
+    table = Table(*rows[0])
+    for row in rows:
+        table.add_row(*row.values())
+    out = Console()
+    out.width = max(out.width, 160)  # ids and hashes stay whole when piped
+    out.print(table)
 
 
 def _deploy_champion(params, repo: Path, keep_serving: bool) -> None:

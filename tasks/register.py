@@ -111,12 +111,9 @@ def eval_data_fingerprint(params: Params) -> str:
     return md5_files(files, json.dumps(knobs, sort_keys=True))
 
 
-def model_fingerprint(model_dir: Path, params: Params) -> str:
-    """DVC's md5 of the model directory when dvc.lock has it, else an md5 of its files."""
-    from tasks.common.tracking import dvc_lock_md5
-
-    md5 = dvc_lock_md5(str(model_dir)) if Path(model_dir) == Path(params.paths.finetune_model) else None
-    return md5 or "files:" + md5_files(sorted(p for p in Path(model_dir).iterdir() if p.is_file()))
+def model_fingerprint(model_dir: Path) -> str:
+    """md5 of the model directory's files, read now (dvc.lock may describe an older workspace when run by hand)."""
+    return md5_files(sorted(p for p in Path(model_dir).iterdir() if p.is_file()))
 
 
 def tokenizer_md5(model_dir: Path) -> str:
@@ -187,7 +184,7 @@ def register_model_dir(
     name: str, model_dir: Path, params: Params, tags: dict[str, str], artifact: str, metrics: dict[str, float]
 ) -> tuple[Any, bool]:
     """(version, reused): a new version of `name`, or the one already registered from these files with its tags updated."""
-    model_md5 = model_fingerprint(model_dir, params)
+    model_md5 = model_fingerprint(model_dir)
     tags = {**tags, "llmops.model_md5": model_md5}
     if (version := existing_version(name, model_md5, params)) is not None:
         client = registry.client(params)
@@ -273,6 +270,63 @@ def _mlflow_run(params: Params) -> Iterator[str]:
         yield run_id
 
 
+def log_params_file(params: Params) -> str:
+    """params.yaml as an artifact of the register run; returns its md5 (what `md5sum params.yaml` prints)."""
+    import mlflow
+
+    params_file = Path(PARAMS_FILE)
+    if params_file.is_file():
+        mlflow.log_artifact(str(params_file))
+        return hashlib.md5(params_file.read_bytes()).hexdigest()
+    dumped = params.model_dump(by_alias=True)  # called from Python without a params.yaml (tests)
+    mlflow.log_dict(dumped, "params.json")
+    return hashlib.md5(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+
+
+def gate(name: str, version_id: str, challenger: dict[str, float], fingerprint: str, model_dir: Path, params: Params) -> tuple[Decision, dict[str, Any]]:
+    """Run the gate for `version_id` against the current champion and move `champion` when it passes."""
+    champion_before = registry.alias_version(name, "champion", params)
+    info: dict[str, Any] = {"version": champion_before}
+    if champion_before == version_id:
+        return Decision(True, [f"version {version_id} (the same model files) is already champion"]), info
+    if champion_before is None:
+        decision = decide(challenger, None, params.register.gate)
+    else:
+        champion = registry.get_version(name, champion_before, params)
+        numbers, source = champion_metrics(champion, fingerprint, model_dir, params)
+        info |= {"metrics": numbers or {}, "source": source}
+        if numbers is None:
+            decision = Decision(False, [f"champion v{champion_before} {source}: the champion stays"])
+        else:
+            decision = decide(challenger, numbers, params.register.gate)
+    if decision.promote:
+        registry.set_alias(name, "champion", version_id, params)
+    return decision, info
+
+
+def register_variants(name: str, version_id: str, lineage: dict[str, str], params: Params) -> dict[str, dict[str, str]]:
+    """Each paths.quantized/<scheme>/ as a version of <name>-<scheme> linked by tag llmops.base_version; it takes the
+    base version's aliases (challenger, and champion when the base is champion)."""
+    from tasks.stages import metrics_path
+
+    quantize_file = metrics_path("quantize", params)
+    quantize_metrics = json.loads(quantize_file.read_text()) if quantize_file.is_file() else {}
+    is_champion = registry.alias_version(name, "champion", params) == version_id
+    variants = {}
+    for scheme, qdir in quantized_dirs(params).items():
+        numbers = quantize_metrics[scheme] if isinstance(quantize_metrics.get(scheme), dict) else quantize_metrics
+        tags = lineage | {"llmops.base_version": version_id, "llmops.base_model": name, "llmops.quantization": scheme}
+        tags |= {f"llmops.metric.quantize.{k}": repr(v) for k, v in numeric_items("", numbers).items()}
+        qname = registry.model_name(params, scheme)
+        qversion, _ = register_model_dir(qname, qdir, params, tags, f"{registry.HF_ARTIFACT}-{scheme}", {})
+        qversion_id = str(qversion.version)
+        registry.set_alias(qname, "challenger", qversion_id, params)
+        if is_champion:
+            registry.set_alias(qname, "champion", qversion_id, params)
+        variants[scheme] = {"name": qname, "version": qversion_id}
+    return variants
+
+
 def run(params: Params) -> StageResult:
     import mlflow
 
@@ -286,60 +340,29 @@ def run(params: Params) -> StageResult:
     if not eval_file.is_file():
         raise DataError(f"{eval_file}: not found; run the evaluate stage first (`dvc repro evaluate`).")
     eval_metrics = json.loads(eval_file.read_text())
-    challenger_metrics = gate_metrics(eval_metrics)
-    quantize_file = metrics_path("quantize", params)
-    quantize_metrics = json.loads(quantize_file.read_text()) if quantize_file.is_file() else {}
+    challenger = gate_metrics(eval_metrics)
     name = registry.model_name(params)
     experiment_id = tracking.setup(params.tracking)
 
     with _mlflow_run(params) as run_id:
-        params_file = Path(PARAMS_FILE)
-        if params_file.is_file():
-            mlflow.log_artifact(str(params_file))
-            params_md5 = md5_files([params_file])
-        else:
-            mlflow.log_dict(params.model_dump(by_alias=True), "params.json")
-            params_md5 = hashlib.md5(json.dumps(params.model_dump(by_alias=True), sort_keys=True).encode()).hexdigest()
-        tags = lineage_tags(params, experiment_id, params_md5)
-        fingerprint = tags["llmops.eval_data"]
-        metric_tags = {f"llmops.metric.{k}": repr(v) for k, v in challenger_metrics.items()}
+        lineage = lineage_tags(params, experiment_id, log_params_file(params))
+        fingerprint = lineage["llmops.eval_data"]
+        metric_tags = {f"llmops.metric.{k}": repr(v) for k, v in challenger.items()}
         metric_tags |= {f"llmops.metric.eval.{k}": repr(v) for k, v in numeric_items("", eval_metrics).items()}
-        version, reused = register_model_dir(name, model_dir, params, tags | metric_tags, registry.HF_ARTIFACT, challenger_metrics)
+        version, reused = register_model_dir(name, model_dir, params, lineage | metric_tags, registry.HF_ARTIFACT, challenger)
         version_id = str(version.version)
-
-        champion_before = registry.alias_version(name, "champion", params)
         registry.set_alias(name, "challenger", version_id, params)
-        champion_info: dict[str, Any] = {"version": champion_before}
-        if champion_before == version_id:
-            decision = Decision(True, [f"version {version_id} (the same model files) is already champion"])
-        elif champion_before is None:
-            decision = decide(challenger_metrics, None, params.register.gate)
-        else:
-            champion = registry.get_version(name, champion_before, params)
-            champion_numbers, source = champion_metrics(champion, fingerprint, model_dir, params)
-            champion_info |= {"metrics": champion_numbers or {}, "source": source}
-            decision = decide(challenger_metrics, champion_numbers, params.register.gate) if champion_numbers is not None else Decision(
-                False, [f"champion v{champion_before} {source}: the champion stays"]
-            )
-        if decision.promote and champion_before != version_id:
-            registry.set_alias(name, "champion", version_id, params)
+        decision, champion_before = gate(name, version_id, challenger, fingerprint, model_dir, params)
+        variants = register_variants(name, version_id, lineage, params)
         champion_after = registry.alias_version(name, "champion", params)
-
-        variants = {}
-        for scheme, qdir in quantized_dirs(params).items():
-            qtags = tags | {"llmops.base_version": version_id, "llmops.base_model": name, "llmops.quantization": scheme}
-            qnumbers = quantize_metrics.get(scheme, {}) if isinstance(quantize_metrics.get(scheme), dict) else quantize_metrics
-            qtags |= {f"llmops.metric.quantize.{k}": repr(v) for k, v in numeric_items("", qnumbers).items()}
-            qname = registry.model_name(params, scheme)
-            qversion, _ = register_model_dir(qname, qdir, params, qtags, f"{registry.HF_ARTIFACT}-{scheme}", {})
-            registry.set_alias(qname, "challenger", str(qversion.version), params)
-            if champion_after == version_id:
-                registry.set_alias(qname, "champion", str(qversion.version), params)
-            variants[scheme] = {"name": qname, "version": str(qversion.version)}
-
-        changed = champion_after != champion_before
-        event = emit_champion_changed(name, version_id) if changed and params.register.emit_events else "not sent: champion unchanged" if not changed else "not sent: register.emit_events is false"
-        verdict = "promoted" if changed else ("kept (already champion)" if champion_before == version_id else "refused")
+        changed = champion_after != champion_before["version"]
+        if not changed:
+            event = "not sent: champion unchanged"
+        elif not params.register.emit_events:
+            event = "not sent: register.emit_events is false"
+        else:
+            event = emit_champion_changed(name, version_id)
+        verdict = "promoted" if changed else "kept (already champion)" if champion_after == version_id else "refused"
         mlflow.set_tags({"llmops.gate.decision": verdict, "llmops.gate.reasons": "\n".join(decision.reasons), "llmops.registered_version": f"{name}@{version_id}"})
 
     metrics = {
@@ -353,16 +376,15 @@ def run(params: Params) -> StageResult:
         "checks": decision.checks,
         "gate": params.register.gate.model_dump(),
         "eval_data": fingerprint,
-        "challenger": challenger_metrics,
-        "champion_before": champion_info,
+        "challenger": challenger,
+        "champion_before": champion_before,
         "champion_after": champion_after,
         "quantized": variants,
         "event": event,
     }
     quantized = ", ".join(f"{v['name']}@{v['version']}" for v in variants.values())
-    quant = f", quantized {quantized}" if variants else ""
     summary = (
         f"register: {name} version {version_id}{' (same files as before)' if reused else ''} is challenger; gate {verdict}"
-        f" ({'; '.join(decision.reasons)}); champion v{champion_after}{quant}; event {event}"
+        f" ({'; '.join(decision.reasons)}); champion v{champion_after}{f', quantized {quantized}' if variants else ''}; event {event}"
     )
     return StageResult(metrics=metrics, summary=summary)

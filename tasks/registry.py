@@ -19,7 +19,6 @@ from typing import Any
 from tasks.common.config import Params
 from tasks.common.errors import RegistryError
 
-ALIASES = ("challenger", "champion", "production")
 HF_ARTIFACT = "hf"  # run artifact path of a version's plain HF directory (tag llmops.hf_artifact holds it)
 FLAVOR_ARTIFACT = "model"  # name of the logged transformers-flavor model
 SOURCE_FILE = ".registry.json"  # written into a download: which run it came from (a stale copy is re-fetched)
@@ -33,11 +32,6 @@ class ModelRef:
     path: Path  # local HF model directory (config.json + safetensors + tokenizer files)
     run_id: str  # MLflow run that logged this version ("" for a local path)
     tags: dict[str, str] = field(default_factory=dict)  # the version's tags (lineage)
-
-    @property
-    def spec(self) -> str:
-        """`NAME@VERSION`, or the local path."""
-        return f"{self.name}@{self.version}" if self.name else str(self.path)
 
 
 def model_name(params: Params, scheme: str = "") -> str:
@@ -63,14 +57,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def client(params: Params) -> Any:
-    """An MlflowClient on the project's tracking store (MLFLOW_TRACKING_URI wins), registry on the same store."""
+    """An MlflowClient on the project's tracking store (MLFLOW_TRACKING_URI wins), registry on the same store.
+
+    The fluent API (download_artifacts, register_model, load_model) follows the tracking URI set here; the registry
+    URI is left unset so it always follows the tracking URI, never a store an earlier call pointed at.
+    """
     import mlflow
 
     from tasks.common.tracking import tracking_uri
 
     uri = tracking_uri(params.tracking)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -120,7 +117,8 @@ def alias_version(name: str, alias: str, params: Params) -> str | None:
 
 
 def set_alias(name: str, alias: str, version: str, params: Params) -> None:
-    client(params).set_registered_model_alias(name, valid_alias(alias), str(version))
+    valid_alias(alias)  # before connecting: a bad alias is a config mistake, not a store problem
+    client(params).set_registered_model_alias(name, alias, str(version))
 
 
 def delete_alias(name: str, alias: str, params: Params) -> None:
@@ -188,9 +186,11 @@ def resolve(spec: str, params: Params, *, quantized: str = "", dest: Path | None
     The files go to `dest` (default `<paths.registry>/<name>/<version>/`).
     """
     local = Path(spec).expanduser()
+    if not spec.startswith(MODEL_URI_PREFIX) and quantized and (local / quantized.lower() / "config.json").is_file():
+        return ModelRef(name="", version="", path=local / quantized.lower(), run_id="", tags={})  # e.g. models/quantized + w8a8
     if not spec.startswith(MODEL_URI_PREFIX) and (local / "config.json").is_file():
         if quantized:
-            local = local / quantized.lower() if (local / quantized.lower() / "config.json").is_file() else local
+            raise RegistryError(f"{spec}: a local model directory with no {quantized.lower()}/ subdirectory; pass the quantized directory itself")
         return ModelRef(name="", version="", path=local, run_id="", tags={})
     if not spec.startswith(MODEL_URI_PREFIX) and "@" not in spec and (local.exists() or os.sep in spec):
         raise RegistryError(f"{spec}: not a model directory (no config.json) and not a registry spec NAME@ALIAS")
@@ -273,3 +273,28 @@ def valid_alias(alias: str) -> str:
     if re.fullmatch(r"v\d+", alias) or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
         raise RegistryError(f"alias {alias!r}: use letters, digits, _ and - (v<number> is reserved by MLflow)")
     return alias
+
+
+def list_versions(name: str, params: Params) -> list[dict[str, str]]:
+    """Every version of `name` and of its quantized variants (`name-*`), newest first, with aliases and key tags."""
+    mlflow_client = client(params)
+    models = [m for m in mlflow_client.search_registered_models(f"name LIKE '{name}%'") if m.name == name or m.name.startswith(f"{name}-")]
+    rows = []
+    for model in sorted(models, key=lambda m: m.name):
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in sorted(mlflow_client.search_model_versions(f"name = '{model.name}'"), key=lambda v: -int(v.version)):
+            tags = version.tags or {}
+            rows.append({
+                "name": model.name,
+                "version": str(version.version),
+                "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                "pass_at_1": tags.get("llmops.metric.pass_at_1", ""),
+                "perplexity": tags.get("llmops.metric.perplexity", ""),
+                "base_version": tags.get("llmops.base_version", ""),
+                "git_commit": tags.get("llmops.git_commit", "")[:10],
+                "eval_data": tags.get("llmops.eval_data", "")[:10],
+                "run_id": version.run_id or "",
+            })
+    return rows

@@ -54,7 +54,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "register"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -104,6 +104,26 @@ def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_pa
     assert len(table["data"]) == 2 + 3 and set(table["columns"]) >= {"task", "prompt", "output", "passed"}
     shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env)
     assert "humaneval.pass_at_1" in shown.stdout or '"pass_at_1"' in shown.stdout
+
+
+def test_register_leaves_a_champion_version_with_lineage_tags(repo):
+    repo, _, _, _ = repo
+    client, runs = mlflow_runs(repo)
+    result = metrics(repo, "register")
+    assert result["decision"] == "promoted" and result["champion_after"] == result["version"] == "1"
+    version = client.get_model_version_by_alias("llmops-code", "champion")
+    tags = version.tags
+    parent = next(r for r in runs if r.data.tags.get("llmops.pipeline") == "true")
+    assert tags["llmops.pipeline_run_id"] == parent.info.run_id
+    assert tags["llmops.prefect_flow_run_id"] == parent.data.tags["prefect.flow_run_id"] != ""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ("ingest", "tokenize", "finetune"):
+        for out in lock["stages"][stage]["outs"]:
+            assert tags[f"llmops.dvc.{out['path']}"] == out["md5"]
+    stage_runs = {r.data.tags["llmops.stage"]: r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert all(tags[f"llmops.run.{stage}"] == stage_runs[stage] for stage in ("ingest", "finetune", "evaluate"))
+    assert float(tags["llmops.metric.pass_at_1"]) == metrics(repo, "eval")["humaneval"]["pass_at_1"]
+    assert tags["llmops.git_commit"] == parent.data.tags["llmops.git_commit"]
 
 
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):

@@ -77,6 +77,15 @@ def test_unknown_model_and_unknown_alias_are_clear_registry_errors(store):
     assert registry.alias_version("empty", "champion", params) is None
 
 
-def test_reserved_version_aliases_are_refused(store):
+def test_reserved_version_aliases_are_refused():
     with pytest.raises(RegistryError, match="v<number> is reserved"):
         registry.set_alias("anything", "v3", "1", parse_params({}))
+
+
+def test_resolve_finds_a_scheme_subdirectory_of_a_local_directory_and_refuses_a_missing_one(tmp_path):
+    (tmp_path / "w8a8").mkdir()
+    (tmp_path / "w8a8" / "config.json").write_text("{}")
+    params = parse_params({})
+    assert registry.resolve(str(tmp_path), params, quantized="W8A8").path == tmp_path / "w8a8"
+    with pytest.raises(RegistryError, match="no w4a16/ subdirectory"):
+        registry.resolve(str(tmp_path / "w8a8"), params, quantized="w4a16")

@@ -1,0 +1,62 @@
+"""The champion/challenger gate as a pure function: numbers in, decision and reasons out."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.common.config import GateConfig
+from tasks.register import decide, gate_metrics
+
+pytestmark = pytest.mark.unit
+
+GATE = GateConfig(min_pass_at_1_delta=0.0, max_perplexity_increase=0.05)
+CHAMPION = {"pass_at_1": 0.20, "perplexity": 10.0}
+
+
+def test_first_version_is_promoted_without_a_champion():
+    decision = decide({"pass_at_1": 0.0, "perplexity": 500.0}, None, GATE)
+    assert decision.promote and "no champion yet" in decision.reasons[0]
+
+
+def test_better_challenger_is_promoted():
+    decision = decide({"pass_at_1": 0.25, "perplexity": 9.0}, CHAMPION, GATE)
+    assert decision.promote
+    assert decision.checks == {"pass_at_1": True, "perplexity": True}
+
+
+def test_lower_pass_at_1_is_refused_and_the_reason_names_the_numbers():
+    decision = decide({"pass_at_1": 0.15, "perplexity": 9.0}, CHAMPION, GATE)
+    assert not decision.promote
+    assert decision.checks == {"pass_at_1": False, "perplexity": True}
+    assert "pass@1 0.1500 vs champion 0.2000: needs >= 0.2000" in decision.reasons[0] and "FAIL" in decision.reasons[0]
+
+
+def test_perplexity_within_the_allowed_increase_passes_and_beyond_it_fails():
+    assert decide({"pass_at_1": 0.20, "perplexity": 10.49}, CHAMPION, GATE).promote
+    refused = decide({"pass_at_1": 0.20, "perplexity": 10.51}, CHAMPION, GATE)
+    assert not refused.promote and refused.checks == {"pass_at_1": True, "perplexity": False}
+    assert "needs <= 10.5000" in refused.reasons[1]
+
+
+def test_min_pass_at_1_delta_demands_a_strict_improvement():
+    strict = GateConfig(min_pass_at_1_delta=0.05, max_perplexity_increase=0.05)
+    assert not decide({"pass_at_1": 0.20, "perplexity": 10.0}, CHAMPION, strict).promote
+    assert decide({"pass_at_1": 0.25, "perplexity": 10.0}, CHAMPION, strict).promote
+
+
+def test_a_metric_missing_on_one_side_is_not_compared():
+    decision = decide({"perplexity": 9.0}, CHAMPION, GATE)
+    assert decision.promote and decision.checks == {"perplexity": True}
+    assert "pass@1 not compared" in decision.reasons[0]
+
+
+def test_nothing_comparable_keeps_the_champion():
+    decision = decide({"pass_at_1": 0.9}, {"perplexity": 10.0}, GATE)
+    assert not decision.promote and decision.checks == {}
+    assert "the champion stays" in decision.reasons[-1]
+
+
+def test_gate_metrics_reads_eval_json():
+    eval_json = {"perplexity": {"perplexity": 12.5, "loss": 2.5}, "humaneval": {"pass_at_1": 0.1, "pass_at_10": 0.3}}
+    assert gate_metrics(eval_json) == {"perplexity": 12.5, "pass_at_1": 0.1}
+    assert gate_metrics({"perplexity": {"perplexity": 3.0}}) == {"perplexity": 3.0}
