@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -101,28 +100,8 @@ def free_port() -> int:
 def stop_process_tree(proc: subprocess.Popen, timeout_s: float = 20) -> None:
     """Stop a process started with start_new_session=True, its process group and every descendant, even ones in sessions of their own.
 
-    SIGTERM first so servers shut down cleanly, SIGKILL for whatever is left after `timeout_s`.
+    SIGTERM first so servers shut down cleanly, SIGKILL for whatever is left after `timeout_s` (the serving code's own helper).
     """
-    import psutil
+    from tasks.serving.server import stop_process_group
 
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        for member in family:
-            try:
-                member.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=timeout_s)
-        if not alive and proc.poll() is not None:
-            break
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
+    stop_process_group(proc, timeout_s)
