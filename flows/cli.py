@@ -52,8 +52,10 @@ def run(
         list[str] | None, typer.Option("--set", help="Override a param for this run, e.g. --set dedup.threshold=0.8 (written to params.yaml so DVC sees it).")
     ] = None,
     repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+    deploy_after: Annotated[bool, typer.Option("--deploy/--no-deploy", help="End a whole-DAG run with the deploy flow on the champion (serve.after_run).")] = True,
+    keep_serving: Annotated[bool, typer.Option(help="Leave the deployed champion running.")] = False,
 ) -> None:
-    """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date."""
+    """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date; then deploy the champion."""
     try:
         from flows.pipeline import pipeline
 
@@ -79,6 +81,8 @@ def run(
             f"registry: {registered['model_name']} version {registered['version']} is challenger, gate {registered['decision']}; "
             f"champion is version {registered['champion_after']}  ->  `llmops models`"
         )
+    if deploy_after and params.serve.after_run and to_stage is None:
+        _deploy_champion(params, repo, keep_serving)
 
 
 @app.command()
@@ -140,6 +144,94 @@ def models(
     out = Console()
     out.width = max(out.width, 160)  # ids and hashes stay whole when piped
     out.print(table)
+
+
+def _deploy_champion(params, repo: Path, keep_serving: bool) -> None:
+    """The end of `llmops run`: the deploy flow on the champion, or a note when the gate has not made one yet."""
+    from tasks.registry import alias_version, model_name
+
+    name = model_name(params)
+    if alias_version(name, "champion", params) is None:
+        console.print(f"deploy: {name} has no champion yet (no version passed the register gate), nothing to serve")
+        return
+    try:
+        from flows.deploy import deploy as deploy_flow
+
+        result = deploy_flow(model=f"{name}@champion", keep_serving=keep_serving, repo_dir=str(repo))
+    except LlmopsError as exc:
+        _fail(exc)
+    console.print(result["summary"])
+
+
+def _stop_servers_on_sigterm() -> None:
+    """SIGTERM (docker stop, kill, a process manager) unwinds like Ctrl-C, so the `finally` that stops the servers runs."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="NAME@ALIAS, NAME@VERSION or a local HF model directory (default: <register.model_name>@production).")] = "",
+    backend: Annotated[str, typer.Option(help="auto | vllm | transformers (auto: serve.backend; vllm where installed with a GPU).")] = "auto",
+    quantized: Annotated[str, typer.Option(help="Serve the registered quantized variant of that version, e.g. w8a8.")] = "",
+    port: Annotated[int, typer.Option(help="Public port (default: serve.port).")] = 0,
+    params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
+) -> None:
+    """Serve a model on an OpenAI-compatible API behind an API key, in the foreground until Ctrl-C."""
+    import time
+
+    from tasks.common.config import load_params
+    from tasks.serving.backends import choose_backend, inspect_model
+    from tasks.serving.proxy import API_KEY_ENV
+    from tasks.serving.server import api_key, start
+
+    _stop_servers_on_sigterm()
+    try:
+        from tasks.registry import model_name, resolve
+
+        params = load_params(params_file)
+        cfg = params.serve
+        ref = resolve(model or f"{model_name(params)}@production", params, quantized=quantized)
+        served = inspect_model(ref.path, ref.name or ref.path.name)
+        chosen = choose_backend(cfg.backend if backend == "auto" else backend)
+        console.print(f"starting {chosen} for {ref.spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
+        server = start(served, cfg, chosen, api_key(cfg), port=port or cfg.port, log_dir=Path(params.paths.reports) / "serve")
+    except LlmopsError as exc:
+        _fail(exc)
+    key_from = f"${API_KEY_ENV}" if os.environ.get(API_KEY_ENV) else f"the file {cfg.api_key_file}"
+    console.print(f"[bold green]serving[/] {served.name} at {server.openai_base_url} (OpenAI API; Authorization: Bearer <key from {key_from}>)")
+    console.print(f"logs: {server.log_dir}; Ctrl-C to stop")
+    try:
+        while server.running():
+            time.sleep(1)
+        console.print("[bold red]a server process exited[/]; see the logs above")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    console.print("stopped")
+
+
+@app.command()
+def deploy(
+    model: Annotated[str, typer.Option(help="NAME@ALIAS, NAME@VERSION or a local HF model directory (default: <register.model_name>@champion).")] = "",
+    backend: Annotated[str, typer.Option(help="auto | vllm | transformers.")] = "auto",
+    quantized: Annotated[str, typer.Option(help="Deploy the registered quantized variant, e.g. w8a8.")] = "",
+    port: Annotated[int, typer.Option(help="Public port (default: serve.port).")] = 0,
+    keep_serving: Annotated[bool, typer.Option(help="Leave the server running after the tests pass.")] = False,
+) -> None:
+    """The deploy flow: serve the model, smoke- and load-test it, and on success point the `production` alias at it."""
+    _stop_servers_on_sigterm()
+    try:
+        from flows.deploy import deploy as deploy_flow
+
+        result = deploy_flow(model=model, backend=backend, quantized=quantized, port=port, keep_serving=keep_serving)
+    except LlmopsError as exc:
+        _fail(exc)
+    console.print(result["summary"])
+    if keep_serving:
+        console.print(f"server processes {result['pids']} keep running; stop them with `kill -TERM -PID` for each")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +78,7 @@ def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: 
         params["finetune"].update(max_steps=4, max_eval_pairs=8, max_train_pairs=64, batch_size=4)
         params["evaluate"].update(seq_len=32, eval_tokens=1024, batch_size=8, max_problems=2, max_new_tokens=8, max_pairs=3, timeout_s=3.0)
         params["quantize"].update(calibration_samples=8, calibration_seq_len=32, latency_prompt_tokens=8, latency_new_tokens=8, latency_repeats=2)
+        params["serve"].update(port=0, load_requests=8, load_max_tokens=8, smoke_max_tokens=4, cb_num_blocks=32)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     else:
         shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
@@ -101,28 +101,8 @@ def free_port() -> int:
 def stop_process_tree(proc: subprocess.Popen, timeout_s: float = 20) -> None:
     """Stop a process started with start_new_session=True, its process group and every descendant, even ones in sessions of their own.
 
-    SIGTERM first so servers shut down cleanly, SIGKILL for whatever is left after `timeout_s`.
+    SIGTERM first so servers shut down cleanly, SIGKILL for whatever is left after `timeout_s` (the serving code's own helper).
     """
-    import psutil
+    from tasks.serving.server import stop_process_group
 
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        for member in family:
-            try:
-                member.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=timeout_s)
-        if not alive and proc.poll() is not None:
-            break
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        pass
+    stop_process_group(proc, timeout_s)

@@ -19,3 +19,7 @@ class StageError(LlmopsError):
 
 class RegistryError(LlmopsError):
     """A registered model, alias or version does not exist, or a registry download is incomplete."""
+
+
+class ServeError(LlmopsError):
+    """A model server did not start, did not become healthy, or failed its smoke or load test."""

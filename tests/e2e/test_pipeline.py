@@ -140,6 +140,17 @@ def test_quantize_logs_the_quantization_table_to_mlflow_and_dvc_metrics(repo, tm
     assert "metrics/quantize.json" in shown and '"size_ratio"' in shown
 
 
+def test_run_ends_with_the_champion_served_tested_and_in_production(repo):
+    repo, _, _, run = repo
+    client, runs = mlflow_runs(repo)
+    champion = client.get_model_version_by_alias("llmops-code", "champion").version
+    assert client.get_model_version_by_alias("llmops-code", "production").version == champion
+    deploy = next(r for r in runs if r.data.tags.get("llmops.deploy") == "true")
+    assert deploy.info.status == "FINISHED" and deploy.data.tags["llmops.deploy.status"] == "promoted"
+    assert deploy.data.metrics["load.errors"] == 0 and deploy.data.metrics["load.tokens_per_s"] > 0
+    assert "server stopped" in " ".join(run.stderr.split())
+
+
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):
     repo, root, env, _ = repo
     assert any((root / "remote").rglob("*"))

@@ -117,7 +117,7 @@ def test_a_champion_changed_event_schedules_a_deploy_run_of_that_model(stack, re
 
     runs = poll(deploy_runs, 90, "the champion-changed event never started a deploy run")
     try:
-        assert [r["parameters"]["model"] for r in runs] == ["llmops-code@champion"]
+        assert [r["parameters"]["model"] for r in runs] == ["llmops-code@7"]  # the version the gate promoted
     finally:
         for run in runs:
             http_json(f"{stack.prefect_api}/flow_runs/{run['id']}", method="DELETE")
