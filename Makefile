@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-unit test-e2e bench clean help
+.PHONY: install run test test-unit test-e2e bench clean help vllm
 
 help:
 	@echo "make run    - create .venv if missing, install, run the whole default pipeline"
@@ -44,6 +44,13 @@ bench: install
 	$(BIN)/python benchmarks/bench_stages.py
 	$(BIN)/python benchmarks/bench_dedup.py
 	$(BIN)/python benchmarks/bench_eval.py
+
+# GPU hosts: vLLM in a venv of its own (it pins torch 2.14 and a compressed-tensors that llm-compressor's
+# pins exclude); `llmops serve --backend auto` finds .venv-vllm/bin/vllm and talks to it over HTTP only.
+vllm:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip $(PIP_QUIET)
+	.venv-vllm/bin/python -m pip install -q 'vllm==0.33.*' $(PIP_QUIET)
 
 clean:
 	rm -rf data models reports metrics mlflow.db mlartifacts .dvcstore

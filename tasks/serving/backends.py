@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -68,8 +68,18 @@ def inspect_model(path: Path, name: str) -> ServedModel:
     return ServedModel(path=path, name=name, quantization=str(quant))
 
 
+VLLM_VENV = Path(".venv-vllm")  # `make vllm` builds it: vLLM pins its own torch and compressed-tensors, which llm-compressor's pins exclude
+
+
+def vllm_executable() -> str | None:
+    """`vllm` from $LLMOPS_VLLM_BIN, this environment, the project's .venv-vllm (`make vllm`), or PATH; None if none has it."""
+    candidates = [os.environ.get("LLMOPS_VLLM_BIN", ""), str(Path(sys.executable).parent / "vllm"), str(VLLM_VENV.resolve() / "bin" / "vllm")]
+    found = next((c for c in candidates if c and Path(c).is_file()), None)
+    return found or shutil.which("vllm")
+
+
 def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    return vllm_executable() is not None
 
 
 def gpu_present() -> bool:
@@ -83,7 +93,10 @@ def choose_backend(requested: str) -> str:
     if requested == "auto":
         return "vllm" if vllm_installed() and gpu_present() else "transformers"
     if requested == "vllm" and not vllm_installed():
-        raise ConfigError("serve.backend=vllm: vLLM is not installed here. On a GPU host: pip install -e '.[vllm]'; on CPU use --backend transformers.")
+        raise ConfigError(
+            "serve.backend=vllm: no `vllm` executable found ($LLMOPS_VLLM_BIN, this venv, .venv-vllm, PATH). On a GPU host run "
+            "`make vllm` (vLLM in its own venv: it pins torch 2.14 and a compressed-tensors that llm-compressor excludes); on CPU use --backend transformers."
+        )
     if requested not in ("vllm", "transformers"):
         raise ConfigError(f"serve.backend={requested!r}: expected auto, vllm or transformers")
     return requested
@@ -99,7 +112,7 @@ def vllm_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
     """`vllm serve` on 127.0.0.1:port. Compressed-tensors checkpoints need no --quantization: vLLM reads their config."""
     weights = model.adapter_base or model.path
     cmd = [
-        _executable("vllm"), "serve", str(weights),
+        vllm_executable() or "vllm", "serve", str(weights),
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", str(cfg.max_model_len),
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),

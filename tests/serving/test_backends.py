@@ -13,7 +13,7 @@ import pytest
 from flows.deploy import gate_failures
 from tasks.common.config import ServeConfig
 from tasks.common.errors import ConfigError, ServeError
-from tasks.serving.backends import inspect_model, transformers_command, vllm_command
+from tasks.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
 from tasks.serving.server import api_key
 
 pytestmark = pytest.mark.unit
@@ -118,3 +118,18 @@ def test_gate_fails_on_errors_or_slow_p95():
     assert "p95 latency" in gate_failures(load, ServeConfig(max_p95_latency_s=1))[0]
     failing = {**load, "error_rate": 0.2, "errors": 2, "first_errors": ["APITimeoutError"]}
     assert "error rate 0.200 (2/10)" in gate_failures(failing, ServeConfig(max_p95_latency_s=0))[0]
+
+
+def test_vllm_is_found_in_its_own_venv_and_its_absence_is_explained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMOPS_VLLM_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert vllm_executable() is None and choose_backend("auto") == "transformers"
+    with pytest.raises(ConfigError, match="make vllm"):
+        choose_backend("vllm")
+    script = tmp_path / ".venv-vllm" / "bin" / "vllm"  # what `make vllm` leaves
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert vllm_executable() == str(script)
+    assert choose_backend("vllm") == "vllm"
