@@ -71,7 +71,9 @@ def monitored(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def project(monitored, tmp_path) -> Path:
+def project(monitored, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the monitored project; MLflow tracks into its own sqlite file (set_tracking_uri also sets the env var)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     proj = tmp_path / "proj"
     shutil.copytree(monitored, proj)
     return proj
