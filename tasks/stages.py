@@ -76,6 +76,12 @@ def _evaluate(p: Params) -> StageResult:
     return evaluate.run(p)
 
 
+def _register(p: Params) -> StageResult:
+    from tasks import register
+
+    return register.run(p)
+
+
 def _evaluate_inputs(p: Params) -> list[str]:
     from tasks import evaluate
 
@@ -96,6 +102,7 @@ STAGES: dict[str, Stage] = {
     "pretrain": Stage(_pretrain, ("pretrain", "train", "model"), lambda p: [p.paths.tokens], distributed=True),
     "finetune": Stage(_finetune, ("finetune", "train", "model"), _finetune_inputs, distributed=True),
     "evaluate": Stage(_evaluate, ("evaluate",), _evaluate_inputs, metrics_name="eval"),
+    "register": Stage(_register, ("register",), lambda p: [p.paths.finetune_model], metrics_name="register"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ class PathsConfig(Section):
     finetune_model: str = "models/finetune"  # full weights (LoRA merged): what evaluation and serving load
     adapter: str = "models/adapter"  # the LoRA adapter itself (empty for full fine-tuning)
     checkpoints: str = "checkpoints"  # resumable training state; not a DVC output, never half-taken as done
+    quantized: str = "models/quantized"  # one compressed-tensors HF directory per scheme (w8a8/, w4a16/)
+    registry: str = "models/registry"  # registry downloads: <name>/<version>/ (a plain HF directory)
 
 
 class TrackingConfig(Section):
@@ -193,6 +196,28 @@ class EvaluateConfig(Section):
         return self
 
 
+class GateConfig(Section):
+    """When a challenger replaces the champion; both are scored on the same eval data (llmops.eval_data)."""
+
+    min_pass_at_1_delta: float = Field(0.0, ge=-1, le=1)  # challenger pass@1 >= champion pass@1 + this
+    max_perplexity_increase: float = Field(0.05, ge=0)  # challenger perplexity <= champion perplexity * (1 + this)
+    reevaluate_champion: bool = True  # champion scored on other eval data: re-score it on the current data before comparing
+
+
+class RegisterConfig(Section):
+    """The MLflow registered model the register stage adds a version to, and the champion/challenger gate."""
+
+    model_name: str = Field("llmops-code", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    register_quantized: bool = True  # also register each paths.quantized/<scheme>/ as a version of <model_name>-<scheme>
+    log_transformers_flavor: bool = True  # log the MLflow transformers flavor (mlflow.transformers.load_model works)
+    emit_events: bool = True  # Prefect event llmops.champion.changed when the champion changes (best effort)
+    gate: GateConfig = GateConfig()
+
+
+# `register` is also ABCMeta.register on the class (not on instances, where the field wins): the warning is noise.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+
 class MonitorConfig(Section):
     """The drift monitor: where a batch is staged, the threshold of each check, where results are tracked."""
 
@@ -225,6 +250,7 @@ class Params(Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
     monitor: MonitorConfig = MonitorConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -15,3 +15,7 @@ class DataError(LlmopsError):
 
 class StageError(LlmopsError):
     """A stage could not run or finish (a DVC stage failed, an upstream output is missing)."""
+
+
+class RegistryError(LlmopsError):
+    """A registered model, alias or version does not exist, or a registry download is incomplete."""
