@@ -110,5 +110,47 @@ def ui(
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
 
 
+@app.command()
+def monitor(
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="New data to check: a file, directory, glob, .jsonl or .parquet (what ingest reads), relative to --repo.")
+    ] = None,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Export tokenize's held-out split to monitor.heldout_batch and check it (never flagged on a healthy run).")] = False,
+    retrain: Annotated[bool, typer.Option(help="Past a threshold, retrain with the batch added (also needs monitor.retrain).")] = True,
+    repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+) -> None:
+    """Drift monitor (the Prefect `monitor` flow): compare a batch with the training data; metrics/monitor.json + an MLflow run."""
+    if bool(batch) == heldout:
+        _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
+    try:
+        from flows.monitor import monitor as monitor_flow
+        from tasks.common.config import load_params
+
+        params = load_params(repo / "params.yaml")
+        if heldout:
+            from tasks.monitor import export_heldout
+
+            export_heldout(params, repo)
+            batch = params.monitor.heldout_batch  # relative to the repository, like ingest.source
+        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo))
+    except LlmopsError as exc:
+        _fail(exc)
+    from rich.table import Table
+
+    table = Table(title=f"drift checks: batch {result['batch_id']}")
+    for column in ("check", "score", "threshold", "verdict"):
+        table.add_column(column)
+    for name, check in result["metrics"]["checks"].items():
+        score = "n/a" if check["score"] is None else f"{check['score']:.4f}"
+        bound = ("<= " if check["kind"] == "max" else ">= ") + str(check["threshold"])
+        table.add_row(name, score, bound, "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]")
+    console.print(table)
+    verdict = "[bold red]DRIFT[/]" if result["drift"] else "[bold green]no drift[/]"
+    console.print(f"{verdict}; metrics/monitor.json; MLflow run {result['mlflow_run_id']} (experiment {params.monitor.experiment})")
+    if "retrain" in result:
+        r = result["retrain"]
+        console.print(f"retrained via {r['mode']} with {r['batch_file']}; champion {r['champion_before']} -> {r['champion_after']}")
+
+
 if __name__ == "__main__":
     app()
