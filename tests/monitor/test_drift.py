@@ -72,3 +72,14 @@ def test_records_that_break_the_data_contract_lower_the_pass_rate_check(project,
     check = next(c for c in result.checks if c.name == "validation_pass_rate")
     assert check.score == pytest.approx(0.6) and check.flagged
     assert len(list((result.batch_dir / "quarantine").glob("*.parquet"))) == 1
+
+
+def test_the_held_out_split_exported_as_a_batch_is_not_flagged(project):
+    params = load_params(project / "params.yaml")
+    batch = monitor.export_heldout(params, project)
+    assert batch == project / params.monitor.heldout_batch
+    rows = [json.loads(line) for line in batch.read_text().splitlines()]
+    assert rows and all(r["id"].startswith("stdlib/") for r in rows)
+    result = run_monitor(project, batch)
+    assert not result.drift, {c.name: c.score for c in result.checks}
+    assert result.info["docs"] == len(rows)

@@ -79,8 +79,8 @@ def test_a_flagged_batch_is_retrained_on_and_the_new_model_is_gated(retrained):
     tags = flagged.data.tags
     assert tags["llmops.drift"] == "true" and tags["llmops.retrain.mode"] == "subflow"
     assert client.get_run(tags["llmops.retrain.mlflow_run_id"]).data.tags["llmops.stage.register"] == "ran"
-    assert [v.version for v in client.search_model_versions("name = 'llmops-code'")] == [register["version"]]
-    assert client.get_registered_model("llmops-code").aliases.get("champion") == register["version"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'llmops-code'")] == [str(register["version"])]
+    assert str(client.get_registered_model("llmops-code").aliases.get("champion")) == str(register["version"])
     assert tags["llmops.retrain.champion"] == f"None -> {register['version']}"
 
 
