@@ -112,12 +112,14 @@ def main() -> None:
         "ratio_monitor_over_baseline": monitor_s / base_s,
         "drift": result.drift,
         "scores": {c.name: c.score for c in result.checks},
+        "seconds_by_part": {k[len("seconds_") :]: v for k, v in result.info.items() if k.startswith("seconds_")},
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "monitor.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"| batch | docs | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|")
     print(f"| {mb:.1f} MB | {out['docs']} | {monitor_s:.1f} s | {out['monitor_mb_per_s']:.2f} | {base_s:.1f} s | {out['baseline_mb_per_s']:.2f} | {out['ratio_monitor_over_baseline']:.1f}x |")
+    print("seconds by part:", json.dumps({k: round(v, 1) for k, v in out["seconds_by_part"].items()}))
     print("scores:", json.dumps({k: round(v, 4) for k, v in out["scores"].items()}))
 
 

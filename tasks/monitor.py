@@ -37,6 +37,7 @@ from tasks.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, r
 log = logging.getLogger("llmops.monitor")
 METRICS_FILE = "monitor.json"
 REPORT_FILE = "report.html"
+CHARS_PER_TOKEN_BOUND = 12  # BPE on code and prose stays well under this; only bounds how much text is encoded for perplexity
 # params.yaml `paths` that hold training data or models: the side area may be none of them and sit in none of them.
 TRAINING_PATHS = ("raw", "validated", "quarantine", "dedup", "duplicates", "tokens", "tokenizer", "instructions", "pretrain_model", "finetune_model", "adapter")
 
@@ -207,6 +208,14 @@ def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limi
     from tasks.tokenization import encode_and_pack
     from tasks.training.data import TokenBlocks
 
+    if limit:  # encode only what is scored: documents up to ~CHARS_PER_TOKEN_BOUND chars per token of the budget
+        budget, chosen = limit * CHARS_PER_TOKEN_BOUND, []
+        for text in texts:
+            chosen.append(text)
+            budget -= len(text)
+            if budget <= 0:
+                break
+        texts = chosen
     ids, _ = encode_and_pack(tokenizer, texts, 256, desc)
     if limit:
         ids = ids[:limit]
@@ -279,7 +288,17 @@ def run(params: Params, batch: str, *, root: Path = Path("."), track: bool = Tru
         raise DataError(f"{reference_file}: no reference statistics; run the pipeline up to tokenize first (`llmops run --to tokenize`).")
     reference = json.loads(reference_file.read_text())
 
+    part_started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(part: str) -> None:
+        nonlocal part_started
+        now = time.perf_counter()
+        seconds[part] = now - part_started
+        part_started = now
+
     raw, validated, counts = stage_batch(params, root, batch, side)
+    lap("ingest_validate")
     texts = [t for t in validated.column("text").to_pylist() if t]
     scores: dict[str, float] = {"validation_pass_rate": counts["valid_docs"] / counts["docs"] if counts["docs"] else float("nan")}
     notes: dict[str, str] = {}
@@ -296,9 +315,11 @@ def run(params: Params, batch: str, *, root: Path = Path("."), track: bool = Tru
     batch_oov = stats["unk_rate"] + stats["byte_fallback_rate"]
     scores["oov_rate_increase"] = batch_oov - (reference["unk_rate"] + reference["byte_fallback_rate"])
     info.update(batch_tokens=stats["tokens"], batch_oov_rate=batch_oov)
+    lap("token_stats")
 
     train_texts, heldout_texts = training_split(params, root)
     scores["near_duplicate_share"] = near_duplicate_share(params.dedup, train_texts, texts) if texts else float("nan")
+    lap("near_duplicates")
     if texts:
         scores["perplexity_ratio"], ppl_info, model_label = perplexity_ratio(params, root, texts, heldout_texts, side)
         info.update({k: v for k, v in ppl_info.items() if k != "model"})
@@ -308,7 +329,9 @@ def run(params: Params, batch: str, *, root: Path = Path("."), track: bool = Tru
         model_label = "not scored: no valid documents in the batch"
         for name in ("token_length_ks", "unigram_js", "near_duplicate_share", "perplexity_ratio"):
             notes[name] = "no valid documents in the batch"
+    lap("perplexity")
     checks = build_checks(scores, cfg, notes)
+    info.update({f"seconds_{part}": value for part, value in seconds.items()})
     info["seconds"] = time.perf_counter() - started
     info["mb_per_s"] = info["bytes"] / 1e6 / info["seconds"]
     result = MonitorResult(batch=batch, batch_id=batch_id, batch_dir=side, checks=checks, info=info, model=model_label)
