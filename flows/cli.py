@@ -234,5 +234,105 @@ def deploy(
         console.print(f"server processes {result['pids']} keep running; stop them with `kill -TERM -PID` for each")
 
 
+@app.command()
+def monitor(
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="New data to check: a file, directory, glob, .jsonl or .parquet (what ingest reads), relative to --repo.")
+    ] = None,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Export tokenize's held-out split to monitor.heldout_batch and check it (never flagged on a healthy run).")] = False,
+    retrain: Annotated[bool, typer.Option(help="Past a threshold, retrain with the batch added (also needs monitor.retrain).")] = True,
+    repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+) -> None:
+    """Drift monitor (the Prefect `monitor` flow): compare a batch with the training data; metrics/monitor.json + an MLflow run."""
+    if bool(batch) == heldout:
+        _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
+    try:
+        from flows.monitor import monitor as monitor_flow
+        from tasks.common.config import load_params
+
+        params = load_params(repo / "params.yaml")
+        if heldout:
+            from tasks.monitor import export_heldout
+
+            export_heldout(params, repo)
+            batch = params.monitor.heldout_batch  # relative to the repository, like ingest.source
+        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo))
+    except LlmopsError as exc:
+        _fail(exc)
+    from rich.table import Table
+
+    table = Table(title=f"drift checks: batch {result['batch_id']}")
+    for column in ("check", "score", "threshold", "verdict"):
+        table.add_column(column)
+    for name, check in result["metrics"]["checks"].items():
+        score = "n/a" if check["score"] is None else f"{check['score']:.4f}"
+        bound = ("<= " if check["kind"] == "max" else ">= ") + str(check["threshold"])
+        table.add_row(name, score, bound, "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]")
+    console.print(table)
+    verdict = "[bold red]DRIFT[/]" if result["drift"] else "[bold green]no drift[/]"
+    console.print(f"{verdict}; metrics/monitor.json; MLflow run {result['mlflow_run_id']} (experiment {params.monitor.experiment})")
+    if "retrain" in result:
+        r = result["retrain"]
+        console.print(f"retrained via {r['mode']} with {r['batch_file']}; champion {r['champion_before']} -> {r['champion_after']}")
+
+
+@app.command()
+def lineage(
+    spec: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS, e.g. llmops-code@champion.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
+    params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
+) -> None:
+    """The chain of a registered version: endpoint -> version -> runs -> DVC md5 of each data output -> git commit -> params."""
+    import json
+
+    try:
+        from tasks import lineage as lineage_mod
+        from tasks.common.config import load_params
+
+        chain = lineage_mod.lineage(spec, load_params(params_file))
+    except LlmopsError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(chain, indent=2))
+    else:
+        Console().print(lineage_mod.render_tree(chain))
+
+
+@app.command()
+def reproduce(
+    spec: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS, e.g. llmops-code@champion.")],
+    tolerance: Annotated[float, typer.Option(help="Largest relative difference (absolute below 1) that still matches.")] = 1e-6,
+    keep: Annotated[bool, typer.Option(help="Keep the temporary worktree (its path is printed).")] = False,
+    repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+) -> None:
+    """Re-run a registered version at its git commit on exactly its data versions; compare every deterministic metric."""
+    from rich.table import Table
+
+    try:
+        from tasks import reproduce as reproduce_mod
+        from tasks.common.config import load_params
+
+        result = reproduce_mod.reproduce(spec, load_params(repo / "params.yaml"), repo=repo, tolerance=tolerance, keep=keep)
+    except LlmopsError as exc:
+        _fail(exc)
+    table = Table(title=f"reproduce {result['spec']} at {result['commit'][:12]} ({result['params']})")
+    for column in ("stage", "metric", "registered", "reproduced", "match"):
+        table.add_column(column)
+    for c in result["comparisons"]:
+        shown = "missing" if c.reproduced is None else f"{c.reproduced:.8g}"
+        table.add_row(c.stage, c.metric, f"{c.registered:.8g}", shown, "[green]yes[/]" if c.match else "[red]NO[/]")
+    Console().print(table)
+    for path, md5 in result["models"].items():
+        same = md5["registered"] == md5["reproduced"]
+        console.print(f"{path}: registered md5 {md5['registered']}, reproduced {md5['reproduced']} ({'bitwise identical' if same else 'differs'})")
+    console.print(f"restored data versions: {', '.join(f'{p}={m}' for p, m in result['restored'].items())}")
+    if result["workdir"]:
+        console.print(f"worktree kept at {result['workdir']}")
+    if not result["match"]:
+        console.print(f"[bold red]not reproduced[/]: metrics differ beyond {tolerance:g}")
+        raise typer.Exit(code=1)
+    console.print(f"[bold green]reproduced[/]: {len(result['comparisons'])} metrics match within {tolerance:g}")
+
+
 if __name__ == "__main__":
     app()

@@ -56,12 +56,13 @@ def resolve_sources(source: str | list[str], file_glob: str) -> list[tuple[str, 
     where the corpus lives on this machine.
     """
     specs = [source] if isinstance(source, str) else list(source)
-    if specs == [""] or not specs:
-        root = stdlib_root()
-        files = [p for p in sorted(root.glob(file_glob)) if p.is_file() and "site-packages" not in p.parts]
-        return [("stdlib", root, p) for p in files]
     out: list[tuple[str, Path, Path]] = []
-    for spec in specs:
+    for spec in specs or [""]:
+        if spec == "":  # the stdlib, also as one entry of a list (a retrain adds a batch beside it)
+            root = stdlib_root()
+            files = [p for p in sorted(root.glob(file_glob)) if p.is_file() and "site-packages" not in p.parts]
+            out.extend(("stdlib", root, p) for p in files)
+            continue
         path = Path(spec).expanduser()
         if path.is_dir() and is_hf_dataset(path):
             out.append((path.name, path.parent, path))

@@ -92,7 +92,7 @@ def test_prefect_deploy_registers_the_daily_monitor_and_the_event_driven_deploy(
     assert monitor is not None, "prefect deploy --all did not create monitor/monitor"
     assert monitor["work_pool_name"] == POOL
     assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["0 4 * * *"]
-    assert monitor["parameters"] == {"batch": "data/incoming/*.jsonl", "retrain": True}
+    assert monitor["parameters"] == {"batch": "data/incoming/*.jsonl", "retrain": True, "repo_dir": "."}
     deploy = http_json(f"{stack.prefect_api}/deployments/name/deploy/deploy")
     assert deploy is not None, "prefect deploy --all did not create deploy/deploy"
     assert deploy["schedules"] == [] and deploy["work_pool_name"] == POOL

@@ -1,0 +1,127 @@
+"""Drift monitor throughput: wall time and MB/s of `tasks.monitor.run` on a ~10 MB batch, against ingest + tokenize of
+the same batch (the least any check of new data must do: read it and tokenize it) measured in the same run.
+
+Set-up, in a temporary directory: a reference project from part of the stdlib (data/dedup written directly,
+then the real tokenize stage: BPE, reference_stats.json) and a randomly initialised `tiny` preset model saved
+with that tokenizer, so the perplexity check runs at its default token budget (monitor.perplexity_tokens).
+The batch is other stdlib .py files, concatenated into one JSONL until it reaches --batch-mb.
+
+    .venv/bin/python benchmarks/bench_monitor.py              # ~10 MB batch
+    .venv/bin/python benchmarks/bench_monitor.py --batch-mb 2
+
+Prints a table and writes benchmarks/results/monitor.json (gitignored). Not tracked to MLflow (track=False),
+so the numbers are the checks alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+os.environ.setdefault("LLMOPS_PROGRESS", "0")
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}.items():
+    os.environ.setdefault(_k, _v)
+sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import yaml  # noqa: E402
+
+from tasks import ingest, monitor, tokenization  # noqa: E402
+from tasks.common.config import load_params  # noqa: E402
+from tasks.common.io import RECORD_SCHEMA, read_records, write_records  # noqa: E402
+
+REFERENCE_PACKAGES = ("email", "json", "http", "logging", "importlib", "xml", "urllib", "concurrent")
+
+
+def build_project(root: Path, batch_mb: float) -> tuple[Path, float]:
+    """Reference project + batch file; returns (batch path, batch MB)."""
+    stdlib = ingest.stdlib_root()
+    files = [p for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts]
+    reference = [p for p in files if p.relative_to(stdlib).parts[0] in REFERENCE_PACKAGES]
+    rows = [{"id": str(p.relative_to(stdlib)), "text": p.read_text(errors="replace"), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in reference]
+    write_records(root / "data" / "dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["monitor"]["model"] = "models/tiny"
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    tokenization.run(params.tokenize, params.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    save_random_model(params, root)
+    batch, size = root / "incoming" / "batch.jsonl", 0
+    batch.parent.mkdir()
+    with open(batch, "w") as f:
+        for p in (p for p in files if p not in reference):
+            text = p.read_text(errors="replace")
+            f.write(json.dumps({"id": str(p.relative_to(stdlib)), "text": text}) + "\n")
+            size += len(text.encode())
+            if size >= batch_mb * 1e6:
+                break
+    return batch, size / 1e6
+
+
+def save_random_model(params, root: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "tokenizer"))
+    preset = dict(params.pretrain.presets["tiny"])
+    config = AutoConfig.for_model(preset.pop("model_type"), vocab_size=len(tokenizer), max_position_embeddings=params.pretrain.seq_len, **preset)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "models" / "tiny")
+    tokenizer.save_pretrained(root / "models" / "tiny")
+
+
+def baseline(params, root: Path, batch: Path) -> float:
+    """ingest + tokenize (encode and pack with the training tokenizer) of the batch, nothing else."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    ingest.run(params.ingest.model_copy(update={"source": str(batch)}), root / "baseline_raw")
+    texts = [t for t in read_records(root / "baseline_raw").column("text").to_pylist() if t]
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "tokenizer"))
+    tokenization.encode_and_pack(tokenizer, texts, params.tokenize.batch_docs, "baseline")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-mb", type=float, default=10.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        batch, mb = build_project(root, args.batch_mb)
+        params = load_params(root / "params.yaml")
+        monitor.run(params, str(batch), root=root, track=False)  # warm-up: imports (GX ~6 s), page cache
+        base_s = baseline(params, root, batch)
+        started = time.perf_counter()
+        result = monitor.run(params, str(batch), root=root, track=False)
+        monitor_s = time.perf_counter() - started
+    out = {
+        "batch_mb": mb,
+        "docs": result.info["docs"],
+        "monitor_s": monitor_s,
+        "monitor_mb_per_s": mb / monitor_s,
+        "baseline_ingest_tokenize_s": base_s,
+        "baseline_mb_per_s": mb / base_s,
+        "ratio_monitor_over_baseline": monitor_s / base_s,
+        "drift": result.drift,
+        "scores": {c.name: c.score for c in result.checks},
+        "seconds_by_part": {k[len("seconds_") :]: v for k, v in result.info.items() if k.startswith("seconds_")},
+        "cpus": os.cpu_count(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "monitor.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"| batch | docs | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|")
+    print(f"| {mb:.1f} MB | {out['docs']} | {monitor_s:.1f} s | {out['monitor_mb_per_s']:.2f} | {base_s:.1f} s | {out['baseline_mb_per_s']:.2f} | {out['ratio_monitor_over_baseline']:.1f}x |")
+    print("seconds by part:", json.dumps({k: round(v, 1) for k, v in out["seconds_by_part"].items()}))
+    print("scores:", json.dumps({k: round(v, 4) for k, v in out["scores"].items()}))
+
+
+if __name__ == "__main__":
+    main()

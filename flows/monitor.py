@@ -1,0 +1,165 @@
+"""The Prefect drift-monitor flow: check a batch (tasks/monitor.py); past a threshold, emit `llmops.drift.detected` and retrain.
+
+The retrain adds the batch to the training sources (a JSONL copy under `monitor.batches_dir`, versioned
+with `dvc add`, appended to `ingest.source`) and runs the pipeline: the `pipeline/pipeline` deployment
+when a Prefect server with that deployment is reachable, else the `pipeline` flow as a subflow in this
+process. The pipeline's register stage gates the new model; when the champion changes, the
+`deploy/deploy` deployment (or the local deploy flow) rolls it out. `llmops monitor` calls this flow,
+so the CLI and a scheduled deployment run one code path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.common.config import load_params
+from tasks.common.errors import StageError
+
+DRIFT_EVENT = "llmops.drift.detected"
+PIPELINE_DEPLOYMENT = "pipeline/pipeline"
+DEPLOY_DEPLOYMENT = "deploy/deploy"
+
+
+@contextmanager
+def in_repo(repo: Path):
+    """Stage code and the registry resolve paths against the working directory: run them in the repository."""
+    previous = Path.cwd()
+    os.chdir(repo)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@task(task_run_name="check {batch}")
+def check_batch(batch: str, repo: Path) -> Any:
+    from tasks import monitor as drift
+
+    with in_repo(repo):
+        params = load_params(Path("params.yaml"))
+        result = drift.run(params, batch, root=Path("."))
+    rows = [
+        {"check": c.name, "score": None if c.score != c.score else round(c.score, 6), "threshold": c.threshold, "flagged": c.flagged, "note": c.note}
+        for c in result.checks
+    ]
+    create_table_artifact(key="drift-checks", table=rows, description=result.summary)
+    return result
+
+
+def server_deployment(name: str) -> bool:
+    """Whether a Prefect server (PREFECT_API_URL) is configured and has deployment `name`."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+        return True
+    except ObjectNotFound:
+        return False
+
+
+@task(retries=2, retry_delay_seconds=5)
+def version_batch(repo: Path, path: Path) -> None:
+    """`dvc add` the batch copy, so the new source itself is a data version (pushed with the pipeline's outputs)."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "add", str(path.relative_to(repo))], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise StageError(f"dvc add {path} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+
+
+def run_retrain(repo: Path, overrides: list[str], logger: Any) -> dict[str, Any]:
+    """Run the pipeline with `overrides`; through the deployment when a server has it, else as a subflow here."""
+    if server_deployment(PIPELINE_DEPLOYMENT):
+        from prefect.deployments import run_deployment
+
+        logger.info("retrain: running deployment %s with %s", PIPELINE_DEPLOYMENT, overrides)
+        flow_run = run_deployment(PIPELINE_DEPLOYMENT, parameters={"overrides": overrides}, timeout=None)
+        if not flow_run.state or not flow_run.state.is_completed():
+            raise StageError(f"retrain: deployment {PIPELINE_DEPLOYMENT} run {flow_run.id} ended {flow_run.state and flow_run.state.name}")
+        return {"mode": "deployment", "flow_run_id": str(flow_run.id)}
+    from flows.pipeline import pipeline
+
+    logger.info("retrain: no Prefect server with %s; running the pipeline flow as a subflow with %s", PIPELINE_DEPLOYMENT, overrides)
+    result = pipeline(overrides=overrides, repo_dir=str(repo))
+    return {"mode": "subflow", "mlflow_run_id": result["mlflow_run_id"], "ran": [s for s, r in result["stages"].items() if not r["cached"]]}
+
+
+def roll_out(repo: Path, logger: Any) -> str:
+    """Deploy the new champion: the deploy deployment on a server, else the local deploy flow when this checkout has one."""
+    if server_deployment(DEPLOY_DEPLOYMENT):
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(DEPLOY_DEPLOYMENT, parameters={}, timeout=None)
+        return f"deployment {DEPLOY_DEPLOYMENT}: {flow_run.state and flow_run.state.name}"
+    try:
+        from flows.deploy import deploy
+    except ImportError:
+        logger.warning("champion changed but no deploy flow here (flows/deploy.py): run `llmops deploy` to serve it")
+        return "not deployed: no deploy flow in this checkout"
+    with in_repo(repo):
+        deploy()
+    return "local deploy flow"
+
+
+@flow(name="monitor")
+def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool = True) -> dict[str, Any]:
+    """Check `batch` for drift; past a threshold (and with `retrain` and monitor.retrain), retrain on it and roll out a new champion."""
+    import mlflow
+    from prefect.events import emit_event
+
+    from tasks import monitor as drift
+    from tasks import registry
+    from tasks.common.tracking import tracking_uri
+
+    logger = get_run_logger()
+    repo = Path(repo_dir).resolve()
+    result = check_batch(batch, repo)
+    logger.info(result.summary)
+    out: dict[str, Any] = {"batch_id": result.batch_id, "drift": result.drift, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics}
+    with in_repo(repo):
+        params = load_params(Path("params.yaml"))
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params.tracking, repo))
+    if not result.drift:
+        return out
+    flagged = [c.name for c in result.checks if c.flagged]
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"llmops.monitor.batch.{result.batch_id}", "prefect.resource.name": batch},
+        payload={"batch": batch, "flagged": flagged, "scores": {c.name: c.score for c in result.checks if c.score == c.score}},
+    )
+    if not (retrain and params.monitor.retrain):
+        client.set_tag(result.mlflow_run_id, "llmops.retrain", "off")
+        logger.info("drift detected (%s); retrain is off, recorded only", ", ".join(flagged))
+        return out
+    with in_repo(repo):
+        batch_file, overrides = drift.add_to_sources(params, Path("."), result)
+        name = registry.model_name(params)
+        champion_before = registry.alias_version(name, "champion", params)
+    version_batch(repo, repo / batch_file)
+    client.set_tag(result.mlflow_run_id, "llmops.retrain.source", str(batch_file))
+    outcome = run_retrain(repo, overrides, logger)
+    with in_repo(repo):
+        champion_after = registry.alias_version(name, "champion", load_params(Path("params.yaml")))
+    retrain_run = {**outcome, "batch_file": str(batch_file), "overrides": overrides, "champion_before": champion_before, "champion_after": champion_after}
+    for key in ("mode", "mlflow_run_id", "flow_run_id"):
+        if key in outcome:
+            client.set_tag(result.mlflow_run_id, f"llmops.retrain.{key}", outcome[key])
+    client.set_tag(result.mlflow_run_id, "llmops.retrain.champion", f"{champion_before} -> {champion_after}")
+    if champion_after != champion_before and deploy:
+        retrain_run["rollout"] = roll_out(repo, logger)
+    create_markdown_artifact(
+        key="drift-retrain",
+        markdown=f"Drift on `{batch}` ({', '.join(flagged)}): retrained via {outcome['mode']}; champion {champion_before} -> {champion_after}",
+    )
+    out["retrain"] = retrain_run
+    return out

@@ -1,0 +1,91 @@
+"""Lineage of a registered model version, read from its tags: endpoint -> version -> runs -> data md5s -> source -> params.
+
+The register stage writes the links (`llmops.git_commit`, `llmops.pipeline_run_id`, `llmops.prefect_flow_run_id`,
+`llmops.params_md5`, `llmops.dvc.<path>`, `llmops.run.<stage>`, `llmops.metric.*`); this module only reads them
+back, checks that each linked run exists, and lays the chain out for `llmops lineage` (a tree, or JSON).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common.config import Params
+
+DVC_PREFIX = "llmops.dvc."
+RUN_PREFIX = "llmops.run."
+METRIC_PREFIX = "llmops.metric."
+ENDPOINT_TAG = "llmops.endpoint"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI on a tracking server; a `runs:/` URI on a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def describe_run(client: Any, uri: str, run_id: str) -> dict[str, Any]:
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # a deleted or foreign run: show the id and why it cannot be followed
+        return {"run_id": run_id, "status": f"not found ({type(exc).__name__})"}
+    return {
+        "run_id": run_id,
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "url": run_url(uri, run.info.experiment_id, run_id),
+        "git_commit": run.data.tags.get("llmops.git_commit", ""),
+    }
+
+
+def lineage(spec: str, params: Params) -> dict[str, Any]:
+    """The chain for `spec` (NAME@ALIAS or NAME@VERSION) as a JSON-able dict."""
+    from tasks import registry
+    from tasks.common.tracking import tracking_uri
+
+    name, ref = registry.parse_spec(spec)
+    version = registry.get_version(name, ref, params)
+    client = registry.client(params)
+    uri = tracking_uri(params.tracking)
+    tags = dict(version.tags or {})
+    model = client.get_registered_model(name)
+    aliases = sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(version.version))
+    endpoint = tags.get(ENDPOINT_TAG) or ((model.tags or {}).get(ENDPOINT_TAG) if "production" in aliases else None)
+    pipeline_run = tags.get("llmops.pipeline_run_id", "none")
+    stage_runs = {k[len(RUN_PREFIX) :]: v for k, v in sorted(tags.items()) if k.startswith(RUN_PREFIX)}
+    return {
+        "spec": spec,
+        "endpoint": endpoint or ("production alias set, no endpoint recorded" if "production" in aliases else None),
+        "model": {"name": name, "version": str(version.version), "aliases": aliases, "source": version.source, "run_id": version.run_id},
+        "register_run": describe_run(client, uri, version.run_id),
+        "pipeline_run": None if pipeline_run.startswith("none") else describe_run(client, uri, pipeline_run),
+        "stage_runs": {stage: describe_run(client, uri, run_id) for stage, run_id in stage_runs.items()},
+        "data": {k[len(DVC_PREFIX) :]: v for k, v in sorted(tags.items()) if k.startswith(DVC_PREFIX)},
+        "source": {"git_commit": tags.get("llmops.git_commit", "unknown"), "prefect_flow_run_id": tags.get("llmops.prefect_flow_run_id", "none")},
+        "params": {"params_md5": tags.get("llmops.params_md5", "unknown"), "params_file": f"runs:/{version.run_id}/params.yaml"},
+        "metrics": {k[len(METRIC_PREFIX) :]: v for k, v in sorted(tags.items()) if k.startswith(METRIC_PREFIX)},
+        "eval_data": tags.get("llmops.eval_data", ""),
+        "tracking_uri": uri,
+    }
+
+
+def render_tree(chain: dict[str, Any]) -> Any:
+    """A rich Tree: endpoint at the top, down to params."""
+    from rich.tree import Tree
+
+    model = chain["model"]
+    top = Tree(f"[bold]endpoint[/]: {chain['endpoint'] or 'not served (no production alias)'}")
+    version = top.add(f"[bold]{model['name']} version {model['version']}[/] aliases: {', '.join(model['aliases']) or 'none'}")
+    runs = version.add("[bold]runs[/]")
+    for label, run in [("register", chain["register_run"]), ("pipeline", chain["pipeline_run"])] + list(chain["stage_runs"].items()):
+        if run:
+            runs.add(f"{label}: {run['run_id']} {run.get('status', '')} {run.get('url', '')}")
+    data = version.add("[bold]data (DVC md5)[/]")
+    for path, md5 in chain["data"].items():
+        data.add(f"{path}: {md5}")
+    source = version.add(f"[bold]source[/]: git {chain['source']['git_commit']}, Prefect flow run {chain['source']['prefect_flow_run_id']}")
+    source.add(f"[bold]params[/]: md5 {chain['params']['params_md5']} ({chain['params']['params_file']})")
+    metrics = version.add("[bold]gate metrics[/]")
+    for key, value in chain["metrics"].items():
+        metrics.add(f"{key} = {value}")
+    return top
