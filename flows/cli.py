@@ -54,8 +54,12 @@ def run(
     repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
     deploy_after: Annotated[bool, typer.Option("--deploy/--no-deploy", help="End a whole-DAG run with the deploy flow on the champion (serve.after_run).")] = True,
     keep_serving: Annotated[bool, typer.Option(help="Leave the deployed champion running.")] = False,
+    monitor_after: Annotated[
+        bool, typer.Option("--monitor/--no-monitor", help="End a whole-DAG run with the drift monitor on the held-out batch (monitor.after_run).")
+    ] = True,
 ) -> None:
-    """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date; then deploy the champion."""
+    """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date; then deploy the
+    champion and run the drift monitor once on the held-out batch."""
     try:
         from flows.pipeline import pipeline
 
@@ -83,6 +87,9 @@ def run(
         )
     if deploy_after and params.serve.after_run and to_stage is None:
         _deploy_champion(params, repo, keep_serving)
+    if monitor_after and params.monitor.after_run and to_stage is None:
+        console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
+        monitor(batch=None, heldout=True, retrain=False, repo=repo)
 
 
 @app.command()

@@ -280,6 +280,7 @@ class MonitorConfig(Section):
     perplexity_ratio_max: float = Field(1.5, gt=0)  # model perplexity on the batch / on the held-out split
     perplexity_tokens: int = Field(50_000, ge=0)  # tokens scored on each side (0 = all)
     retrain: bool = True  # past a threshold: emit llmops.drift.detected and run the pipeline with the batch added
+    after_run: bool = True  # `llmops run` ends with the monitor on the held-out batch (record only, never retrains)
 
 
 class Params(Section):

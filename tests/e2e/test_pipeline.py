@@ -151,6 +151,17 @@ def test_run_ends_with_the_champion_served_tested_and_in_production(repo):
     assert "server stopped" in " ".join(run.stderr.split())
 
 
+def test_run_ends_with_the_monitor_on_the_held_out_batch_not_flagged_and_tracked(repo):
+    repo, _, _, run = repo
+    result = metrics(repo, "monitor")
+    assert result["drift"] is False, {name: check for name, check in result["checks"].items() if check["flagged"]}
+    client, _ = mlflow_runs(repo)
+    experiment = client.get_experiment_by_name("llmops-monitor")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "no drift" in " ".join(run.stderr.split())
+
+
 def test_outputs_are_pushed_to_the_default_dvc_remote(repo):
     repo, root, env, _ = repo
     assert any((root / "remote").rglob("*"))
