@@ -87,6 +87,16 @@ def test_prefect_deploy_registers_the_weekly_pipeline_deployment_on_the_process_
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
 
 
+def test_the_deploy_deployment_waits_for_the_champion_event(stack, repo):
+    deployment = http_json(f"{stack.prefect_api}/deployments/name/deploy/deploy")
+    assert deployment is not None, "prefect deploy --all did not create deploy/deploy"
+    assert deployment["work_pool_name"] == POOL and deployment["parameters"]["keep_serving"] is False
+    automations = http_json(f"{stack.prefect_api}/automations/filter", {})
+    trigger = next(a["trigger"] for a in automations if any(action.get("deployment_id") == deployment["id"] for action in a["actions"]))
+    assert trigger["expect"] == ["llmops.champion.changed"]
+    assert trigger["match"] == {"prefect.resource.id": "mlflow.model.*"}
+
+
 @pytest.mark.parametrize("kind", ["docker", "kubernetes"])
 def test_the_container_variants_deploy_to_pools_built_from_their_job_templates(stack, repo, kind):
     pool = f"llmops-{kind}"
