@@ -101,6 +101,8 @@ def test_prefect_deploy_registers_the_daily_monitor_and_the_event_driven_deploy(
     linked = [a for a in automations if a["actions"] and a["actions"][0].get("deployment_id") == deploy["id"]]
     assert len(linked) == 1, f"expected one automation running deploy/deploy, found {[a['name'] for a in automations]}"
     assert linked[0]["trigger"]["expect"] == ["llmops.champion.changed"]
+    assert linked[0]["trigger"]["match"] == {"prefect.resource.id": "mlflow.model.*"}
+    assert deploy["parameters"]["keep_serving"] is False
 
 
 def test_a_champion_changed_event_schedules_a_deploy_run_of_that_model(stack, repo):
