@@ -31,9 +31,12 @@ def disk_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / MB
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that across fork/exec,
+    so a child would report its parent's peak (the stage's, ~1 GB) instead of its own."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def _warm_up(model_dir: Path) -> None:
@@ -53,7 +56,6 @@ def _warm_up(model_dir: Path) -> None:
 
 def measure(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> Footprint:
     """Load, one forward pass, then `repeats` timed greedy generations of exactly `new_tokens` tokens after a warm-up."""
-    import resource
     import statistics
     import time
 
@@ -62,12 +64,12 @@ def measure(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: in
     from tasks.evaluation.generation import load_model
 
     _warm_up(model_dir)
-    before = _rss_bytes()
+    before = _memory_bytes("VmRSS")
     model, tokenizer = load_model(model_dir)
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         model(input_ids=ids)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        peak = _memory_bytes("VmHWM")
         tensors = [*model.parameters(), *model.buffers()]
         weights = sum(t.numel() * t.element_size() for t in tensors)
         fixed = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
