@@ -330,8 +330,15 @@ def reproduce(
         table.add_row(c.stage, c.metric, f"{c.registered:.8g}", shown, "[green]yes[/]" if c.match else "[red]NO[/]")
     Console().print(table)
     for path, md5 in result["models"].items():
-        same = md5["registered"] == md5["reproduced"]
-        console.print(f"{path}: registered md5 {md5['registered']}, reproduced {md5['reproduced']} ({'bitwise identical' if same else 'differs'})")
+        diff = md5["differing_files"]
+        if md5["registered"] == md5["reproduced"]:
+            verdict = "bitwise identical"
+        elif diff is None:
+            verdict = "differs (file listings not in the cache)"
+        else:
+            weights = [f for f in diff if f.endswith((".safetensors", ".bin")) and f != "training_args.bin"]
+            verdict = f"{'weights differ' if weights else 'weights bitwise identical'}; files that differ: {', '.join(diff)}"
+        console.print(f"{path}: registered md5 {md5['registered']}, reproduced {md5['reproduced']} ({verdict})")
     console.print(f"restored data versions: {', '.join(f'{p}={m}' for p, m in result['restored'].items())}")
     if result["workdir"]:
         console.print(f"worktree kept at {result['workdir']}")

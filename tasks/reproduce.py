@@ -76,14 +76,32 @@ def data_versions(tags: dict[str, str]) -> dict[str, str]:
     return {k[len("llmops.dvc.") :]: v for k, v in tags.items() if k.startswith("llmops.dvc.")}
 
 
+def cache_object(cache: Path, md5: str) -> Path:
+    return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+
 def cache_has(cache: Path, md5: str) -> bool:
     """Whether a DVC 3 cache (or a local remote, same layout) holds `md5` and, for a directory, every file in it."""
-    obj = cache / "files" / "md5" / md5[:2] / md5[2:]
+    obj = cache_object(cache, md5)
     if not obj.exists():
         return False
     if md5.endswith(".dir"):
-        return all((cache / "files" / "md5" / e["md5"][:2] / e["md5"][2:]).exists() for e in json.loads(obj.read_text()))
+        return all(cache_object(cache, e["md5"]).exists() for e in json.loads(obj.read_text()))
     return True
+
+
+def differing_files(cache: Path, registered: str | None, reproduced: str | None) -> list[str] | None:
+    """Files that differ between two versions of a directory output (None when a listing is not in the cache)."""
+    if not (registered and reproduced and registered.endswith(".dir") and reproduced.endswith(".dir")):
+        return None
+    listings = []
+    for md5 in (registered, reproduced):
+        obj = cache_object(cache, md5)
+        if not obj.exists():
+            return None
+        listings.append({e["relpath"]: e["md5"] for e in json.loads(obj.read_text())})
+    a, b = listings
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def create_worktree(repo: Path, commit: str, dest: Path) -> Path:
@@ -119,6 +137,10 @@ def restore_params(worktree: Path, tags: dict[str, str], run_id: str, params: Pa
     return f"params.yaml from register run {run_id} (the commit's differed)"
 
 
+def dvc_cache_dir(repo: Path, env: dict[str, str]) -> Path:
+    return Path(_run([sys.executable, "-m", "dvc", "cache", "dir"], repo, env).stdout.strip() or repo / ".dvc" / "cache")
+
+
 def restore_data(repo: Path, worktree: Path, versions: dict[str, str], env: dict[str, str]) -> list[str]:
     """Check out every cached DVC output at the md5 its tag names; returns the restored paths.
 
@@ -127,7 +149,7 @@ def restore_data(repo: Path, worktree: Path, versions: dict[str, str], env: dict
     """
     from dvc.repo import Repo
 
-    repo_cache = Path(_run([sys.executable, "-m", "dvc", "cache", "dir"], repo, env).stdout.strip() or repo / ".dvc" / "cache")
+    repo_cache = dvc_cache_dir(repo, env)
     _run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(repo_cache)], worktree, env)
     stages: dict[str, Any] = {}
     restored: list[str] = []
@@ -208,7 +230,11 @@ def reproduce(spec: str, params: Params, *, repo: Path = Path("."), tolerance: f
             comparisons += compare(stage, registered_metrics(client, tags, stage, tmp), ours, tolerance)
         lock = yaml.safe_load((worktree / "dvc.lock").read_text())
         new_md5 = {o["path"]: o.get("md5") for s in lock["stages"].values() for o in s.get("outs", [])}
-        models = {p: {"registered": tags.get(f"llmops.dvc.{p}"), "reproduced": new_md5.get(p)} for p in (params.paths.pretrain_model, params.paths.finetune_model)}
+        cache = dvc_cache_dir(repo, env)
+        models = {}
+        for path in (params.paths.pretrain_model, params.paths.finetune_model):
+            registered, reproduced = tags.get(f"llmops.dvc.{path}"), new_md5.get(path)
+            models[path] = {"registered": registered, "reproduced": reproduced, "differing_files": differing_files(cache, registered, reproduced)}
     finally:
         if not keep:
             _run(["git", "worktree", "remove", "--force", str(worktree)], repo)

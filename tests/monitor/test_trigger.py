@@ -105,6 +105,10 @@ def test_reproduce_rebuilds_the_model_at_its_commit_and_matches_every_metric(ret
     assert out.returncode == 0, console[-3000:]
     assert "reproduced:" in console and "NO" not in out.stdout
     assert "val_loss" in out.stdout and "perplexity.perplexity" in out.stdout
+    # CPU training with fixed seeds is deterministic: the same commit and data give the same weights, not just close
+    # metrics (models/pretrain also holds training_summary.json, whose timings differ run to run)
+    assert "models/pretrain: registered md5" in console and "weights differ" not in console, console[-1500:]
+    assert console.count("bitwise identical") == 2, console[-1500:]
     assert not [p for p in os.listdir(repo.parent) if p.startswith("llmops-reproduce")]
 
 
