@@ -273,6 +273,7 @@ class MonitorConfig(Section):
     heldout_batch: str = "data/monitor/heldout.jsonl"  # tokenize's validation-split documents, exported for `llmops monitor --heldout`
     model: str = ""  # model whose perplexity is checked; "" = <model_name>@production, else @champion, else paths.finetune_model
     length_ks_max: float = Field(0.3, gt=0, le=1)  # KS statistic between token-length distributions (binned CDFs)
+    length_ks_alpha: float = Field(0.01, gt=0, lt=1)  # a small batch is flagged only above the KS value chance exceeds this rarely
     unigram_js_max: float = Field(0.12, gt=0, le=1)  # Jensen-Shannon divergence (base 2) of unigram distributions
     oov_rate_increase_max: float = Field(0.01, ge=0, le=1)  # (unk + byte-fallback rate) of the batch minus the reference
     min_pass_rate: float = Field(0.9, ge=0, le=1)  # validation pass rate of the batch

@@ -55,3 +55,14 @@ def test_a_side_area_inside_or_around_training_data_is_refused(tmp_path, key, va
     params = parse_params({"monitor": {key: value}})
     with pytest.raises(ConfigError, match=f"monitor.{key}"):
         monitor.check_side_area(params, tmp_path)
+
+
+def test_a_small_batch_is_flagged_for_length_only_past_what_chance_explains():
+    cfg = MonitorConfig()
+    critical = monitor.ks_critical_value(2000, 3, cfg.length_ks_alpha)
+    assert critical == pytest.approx(math.sqrt(-math.log(0.005) / 2) * math.sqrt(2003 / 6000))  # ~0.94 for 3 documents
+    small = {c.name: c for c in monitor.build_checks({"token_length_ks": 0.6}, cfg, ks_critical=critical)}["token_length_ks"]
+    assert not small.flagged and "sampling noise" in small.note
+    large_critical = monitor.ks_critical_value(2000, 500, cfg.length_ks_alpha)
+    assert large_critical < cfg.length_ks_max  # a real batch: the configured threshold decides
+    assert {c.name: c for c in monitor.build_checks({"token_length_ks": 0.6}, cfg, ks_critical=large_critical)}["token_length_ks"].flagged
