@@ -27,12 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-os.environ.setdefault("LLMOPS_PROGRESS", "0")
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}.items():
-    os.environ.setdefault(_k, _v)
-sys.path.insert(0, str(ROOT))
+from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline environment, no progress bars)
 
 import numpy as np  # noqa: E402
 
