@@ -95,12 +95,11 @@ def run_retrain(repo: Path, overrides: list[str], logger: Any) -> dict[str, Any]
 
 
 def roll_out(repo: Path, logger: Any) -> str:
-    """Deploy the new champion: the deploy deployment on a server, else the local deploy flow when this checkout has one."""
+    """Deploy the new champion: on a server the deploy deployment's event trigger does it, else the local deploy flow."""
     if server_deployment(DEPLOY_DEPLOYMENT):
-        from prefect.deployments import run_deployment
-
-        flow_run = run_deployment(DEPLOY_DEPLOYMENT, parameters={}, timeout=None)
-        return f"deployment {DEPLOY_DEPLOYMENT}: {flow_run.state and flow_run.state.name}"
+        # register emitted llmops.champion.changed to this server; the deployment's trigger runs the roll-out once.
+        logger.info("champion changed: %s runs from the llmops.champion.changed trigger", DEPLOY_DEPLOYMENT)
+        return f"deployment {DEPLOY_DEPLOYMENT}, started by the champion-changed event"
     try:
         from flows.deploy import deploy
     except ImportError:
