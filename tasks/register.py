@@ -245,11 +245,14 @@ def emit_champion_changed(name: str, version: str) -> str:
     try:
         from prefect.events import emit_event
         from prefect.events.worker import EventsWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        event = emit_event(
-            event=EVENT, resource={"prefect.resource.id": f"mlflow.model.{name}"}, payload={"name": name, "version": version}
-        )
-        EventsWorker.drain_all(timeout=10)
+        # Prefect reads its settings once per process: pin the API checked above, whatever was loaded before.
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            event = emit_event(
+                event=EVENT, resource={"prefect.resource.id": f"mlflow.model.{name}"}, payload={"name": name, "version": version}
+            )
+            EventsWorker.drain_all(timeout=10)
     except Exception as exc:  # an event is a notification: it never undoes a decision already made
         log.warning("register: %s event failed: %s", EVENT, exc)
         return f"not sent: {type(exc).__name__}: {exc}"
