@@ -199,10 +199,11 @@ def serve(
 
         params = load_params(params_file)
         cfg = params.serve
-        ref = resolve(model or f"{model_name(params)}@production", params, quantized=quantized)
+        spec = model or f"{model_name(params)}@production"
+        ref = resolve(spec, params, quantized=quantized)
         served = inspect_model(ref.path, ref.name or ref.path.name)
         chosen = choose_backend(cfg.backend if backend == "auto" else backend)
-        console.print(f"starting {chosen} for {ref.spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
+        console.print(f"starting {chosen} for {spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
         server = start(served, cfg, chosen, api_key(cfg), port=port or cfg.port, log_dir=Path(params.paths.reports) / "serve")
     except LlmopsError as exc:
         _fail(exc)
