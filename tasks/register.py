@@ -273,14 +273,19 @@ def _mlflow_run(params: Params) -> Iterator[str]:
         yield run_id
 
 
+def file_md5(path: Path) -> str:
+    """What `md5sum FILE` prints: the llmops.params_md5 of a version, checked again by reproduce."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
 def log_params_file(params: Params) -> str:
-    """params.yaml as an artifact of the register run; returns its md5 (what `md5sum params.yaml` prints)."""
+    """params.yaml as an artifact of the register run; returns its md5 (file_md5)."""
     import mlflow
 
     params_file = Path(PARAMS_FILE)
     if params_file.is_file():
         mlflow.log_artifact(str(params_file))
-        return hashlib.md5(params_file.read_bytes()).hexdigest()
+        return file_md5(params_file)
     dumped = params.model_dump(by_alias=True)  # called from Python without a params.yaml (tests)
     mlflow.log_dict(dumped, "params.json")
     return hashlib.md5(json.dumps(dumped, sort_keys=True).encode()).hexdigest()

@@ -117,11 +117,11 @@ def restore_params(worktree: Path, tags: dict[str, str], run_id: str, params: Pa
     """params.yaml as the registered run had it (the committed one, or the register run's artifact when they differ)."""
     import mlflow
 
-    from tasks.register import md5_files
+    from tasks.register import file_md5
 
     target = worktree / "params.yaml"
     wanted = tags.get("llmops.params_md5", "")
-    if md5_files([target]) == wanted:
+    if target.is_file() and file_md5(target) == wanted:
         return "params.yaml from the commit"
     from tasks import registry
 
@@ -132,7 +132,7 @@ def restore_params(worktree: Path, tags: dict[str, str], run_id: str, params: Pa
         except Exception as exc:
             raise ReproduceError(f"params.yaml at the commit differs from llmops.params_md5 {wanted} and the register run {run_id} has no params.yaml artifact: {exc}") from None
         shutil.copy(local, target)
-    if md5_files([target]) != wanted:
+    if file_md5(target) != wanted:
         raise ReproduceError(f"params.yaml artifact of run {run_id} does not match llmops.params_md5 {wanted}")
     return f"params.yaml from register run {run_id} (the commit's differed)"
 

@@ -88,7 +88,7 @@ def test_lineage_follows_the_champion_to_its_runs_data_versions_commit_and_param
     repo, env = retrained["repo"], retrained["env"]
     chain = json.loads(sh(BIN / "llmops", "lineage", "llmops-code@champion", "--json", cwd=repo, env=env).stdout)
     outs = lock_outs(repo)
-    assert chain["model"]["aliases"] == ["challenger", "champion"]
+    assert chain["model"]["aliases"] == ["challenger", "champion", "production"]  # the monitor rolled the new champion out
     assert chain["data"]["data/raw"] == outs["data/raw"] and chain["data"]["data/tokens"] == outs["data/tokens"]
     assert {"ingest", "tokenize", "pretrain", "finetune", "evaluate"} <= set(chain["stage_runs"])
     assert all(r["status"] == "FINISHED" for r in chain["stage_runs"].values())
