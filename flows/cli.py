@@ -330,7 +330,8 @@ def reproduce(
         shown = "missing" if c.reproduced is None else f"{c.reproduced:.8g}"
         table.add_row(c.stage, c.metric, f"{c.registered:.8g}", shown, "[green]yes[/]" if c.match else "[red]NO[/]")
     Console().print(table)
-    for path, md5 in result["models"].items():
+    outputs = result["outputs"]
+    for path, md5 in outputs.items():
         diff = md5["differing_files"]
         if md5["registered"] == md5["reproduced"]:
             verdict = "bitwise identical"
@@ -340,6 +341,8 @@ def reproduce(
             weights = [f for f in diff if f.endswith((".safetensors", ".bin")) and f != "training_args.bin"]
             verdict = f"{'weights differ' if weights else 'weights bitwise identical'}; files that differ: {', '.join(diff)}"
         console.print(f"{path}: registered md5 {md5['registered']}, reproduced {md5['reproduced']} ({verdict})")
+    identical = sum(md5["registered"] == md5["reproduced"] for md5 in outputs.values())
+    console.print(f"outputs: {identical} of {len(outputs)} byte-identical to the registered data versions")
     console.print(f"restored data versions: {', '.join(f'{p}={m}' for p, m in result['restored'].items())}")
     if result["workdir"]:
         console.print(f"worktree kept at {result['workdir']}")

@@ -219,9 +219,19 @@ def _save_lora(trainer: Any, tokenizer: Any, out: Path, adapter_out: Path, summa
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_dir(adapter_out) as tmp:
         peft_model.save_pretrained(tmp)
+        _sort_target_modules(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
     merged = peft_model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "training_summary.json", summary_json)
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """peft keeps target_modules as a set and saves it in hash order, which changes with every process
+    (PYTHONHASHSEED): sorted, the adapter directory of two identical runs is byte-identical."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    atomic_write_json(config_file, config)

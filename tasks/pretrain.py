@@ -91,7 +91,7 @@ def _pretrain(params: Params, out: Path) -> StageResult:
     }
     if fit.mfu is not None:
         metrics["mfu"] = fit.mfu
-    summary_json = {"metrics": metrics, "preset": cfg.preset, "run_key": run_dir.name}
+    summary_json = {"metrics": runtime.reproducible(metrics), "preset": cfg.preset, "run_key": run_dir.name}
     runtime.save_final(trainer, tokenizer, out, {"training_summary.json": summary_json})
     artifacts: list[Path] = []
     if runtime.is_main_process():

@@ -4,7 +4,8 @@ From the version's lineage tags: `git worktree add` at `llmops.git_commit`, para
 the committed one differs from `llmops.params_md5`, every cached DVC output restored to its `llmops.dvc.<path>` md5
 (`dvc checkout` from the shared cache, else `dvc pull` from the default remote; a version found in neither is a
 ReproduceError naming the path and md5), then `dvc repro --force --single-item` for pretrain, finetune and evaluate.
-Each deterministic metric of those stages is compared with the registered runs' `metrics/<stage>.json` artifacts.
+Each deterministic metric of those stages is compared with the registered runs' `metrics/<stage>.json` artifacts, and
+each output they wrote (models, adapter, reports) with the md5 the version was registered with.
 """
 
 from __future__ import annotations
@@ -141,28 +142,29 @@ def dvc_cache_dir(repo: Path, env: dict[str, str]) -> Path:
     return Path(_run([sys.executable, "-m", "dvc", "cache", "dir"], repo, env).stdout.strip() or repo / ".dvc" / "cache")
 
 
+def cached_outputs(worktree: Path) -> dict[str, tuple[str, list[str]]]:
+    """Per dvc.yaml stage: its command and the outputs DVC caches (metrics files are not cached; they are compared by value)."""
+    from dvc.repo import Repo
+
+    with Repo(str(worktree)) as dvc_repo:
+        return {stage.name: (stage.cmd, [str(out.def_path) for out in stage.outs if out.use_cache]) for stage in dvc_repo.index.stages}
+
+
 def restore_data(repo: Path, worktree: Path, versions: dict[str, str], env: dict[str, str]) -> list[str]:
     """Check out every cached DVC output at the md5 its tag names; returns the restored paths.
 
     A dvc.lock holding just those outputs is written into the worktree, so `dvc checkout` / `dvc pull` restore
     exactly them (dvc.lock is a machine output, not in git).
     """
-    from dvc.repo import Repo
-
     repo_cache = dvc_cache_dir(repo, env)
     _run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(repo_cache)], worktree, env)
     stages: dict[str, Any] = {}
     restored: list[str] = []
-    with Repo(str(worktree)) as dvc_repo:
-        for stage in dvc_repo.index.stages:
-            outs = []
-            for out in stage.outs:
-                path = str(out.def_path)
-                if out.use_cache and path in versions:
-                    outs.append({"path": path, "hash": "md5", "md5": versions[path]})
-                    restored.append(path)
-            if outs:
-                stages[stage.name] = {"cmd": stage.cmd, "outs": outs}
+    for name, (cmd, paths) in cached_outputs(worktree).items():
+        outs = [{"path": path, "hash": "md5", "md5": versions[path]} for path in paths if path in versions]
+        restored += [out["path"] for out in outs]
+        if outs:
+            stages[name] = {"cmd": cmd, "outs": outs}
     (worktree / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
     remote = _run([sys.executable, "-m", "dvc", "remote", "default"], worktree, env).stdout.strip()
     remote_url = _run([sys.executable, "-m", "dvc", "remote", "list"], worktree, env).stdout
@@ -230,11 +232,12 @@ def reproduce(spec: str, params: Params, *, repo: Path = Path("."), tolerance: f
             comparisons += compare(stage, registered_metrics(client, tags, stage, tmp), ours, tolerance)
         lock = yaml.safe_load((worktree / "dvc.lock").read_text())
         new_md5 = {o["path"]: o.get("md5") for s in lock["stages"].values() for o in s.get("outs", [])}
-        cache = dvc_cache_dir(repo, env)
-        models = {}
-        for path in (params.paths.pretrain_model, params.paths.finetune_model):
+        cache, cached = dvc_cache_dir(repo, env), cached_outputs(worktree)
+        outputs = {}
+        for path in (path for stage in MODEL_STAGES for path in cached.get(stage, ("", []))[1]):
             registered, reproduced = tags.get(f"llmops.dvc.{path}"), new_md5.get(path)
-            models[path] = {"registered": registered, "reproduced": reproduced, "differing_files": differing_files(cache, registered, reproduced)}
+            if registered:
+                outputs[path] = {"registered": registered, "reproduced": reproduced, "differing_files": differing_files(cache, registered, reproduced)}
     finally:
         if not keep:
             _run(["git", "worktree", "remove", "--force", str(worktree)], repo)
@@ -245,7 +248,7 @@ def reproduce(spec: str, params: Params, *, repo: Path = Path("."), tolerance: f
         "params": params_source,
         "restored": {p: data_versions(tags)[p] for p in restored},
         "comparisons": comparisons,
-        "models": models,
+        "outputs": outputs,
         "match": bool(comparisons) and all(c.match for c in comparisons),
         "workdir": str(tmp) if keep else "",
     }

@@ -20,6 +20,9 @@ from tasks.common.errors import ConfigError
 log = logging.getLogger("llmops.train")
 COMPLETE_MARKER = "llmops-complete.json"  # written after the Trainer finished a checkpoint
 CHECKPOINT_PREFIX = "checkpoint-"
+# How a run went, not what it trained: kept in metrics/<stage>.json and MLflow, out of the model directory,
+# so two runs of the same params on the same data write byte-identical models (one DVC md5).
+RUN_SPECIFIC_METRICS = frozenset({"tokens_per_s", "train_seconds", "mfu", "resumed_from_step"})
 
 
 @dataclass
@@ -421,6 +424,11 @@ def cleanup_checkpoints(run_dir: Path) -> None:
     """A finished stage's output is the model; its resumable state is no longer needed."""
     if is_main_process():
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def reproducible(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without the entries that differ between identical runs (timings, where a resumed run started)."""
+    return {k: v for k, v in metrics.items() if k not in RUN_SPECIFIC_METRICS}
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path, extra_json: dict[str, Any] | None = None) -> None:

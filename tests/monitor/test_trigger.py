@@ -105,10 +105,14 @@ def test_reproduce_rebuilds_the_model_at_its_commit_and_matches_every_metric(ret
     assert out.returncode == 0, console[-3000:]
     assert "reproduced:" in console and "NO" not in out.stdout
     assert "val_loss" in out.stdout and "perplexity.perplexity" in out.stdout
-    # CPU training with fixed seeds is deterministic: the same commit and data give the same weights, not just close
-    # metrics (models/pretrain also holds training_summary.json, whose timings differ run to run)
-    assert "models/pretrain: registered md5" in console and "weights differ" not in console, console[-1500:]
-    assert console.count("bitwise identical") == 2, console[-1500:]
+    # CPU training with fixed seeds is deterministic: the same commit and data give the same model directories, byte for
+    # byte (DVC md5), not just close metrics
+    outs = lock_outs(repo)
+    for path in ("models/pretrain", "models/finetune", "models/adapter", "reports/evaluate"):
+        assert f"{path}: registered md5 {outs[path]}, reproduced {outs[path]} (bitwise identical)" in console, console[-2000:]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    reran = [o["path"] for stage in ("pretrain", "finetune", "evaluate") for o in lock[stage]["outs"] if not o["path"].startswith("metrics/")]
+    assert f"outputs: {len(reran)} of {len(reran)} byte-identical" in console, console[-2000:]
     assert not [p for p in os.listdir(repo.parent) if p.startswith("llmops-reproduce")]
 
 

@@ -13,7 +13,7 @@ from tasks.stages import run_stage
 from tasks.training.instructions import CHAT_TEMPLATE, CODE_TEMPLATE, docstring_pairs, read_jsonl_pairs
 
 from ..conftest import write_jsonl
-from .conftest import micro_params, write_params
+from .conftest import llmops, micro_params, write_params
 
 pytestmark = pytest.mark.training
 
@@ -178,3 +178,29 @@ def test_model_base_skips_pretrain_and_finetunes_the_given_model(pretrained, tmp
     result = run_stage("finetune", loaded, track=False)
     assert result.metrics["steps"] == 3
     assert json.loads((project / "models/finetune/training_summary.json").read_text())["base"] == str(base)
+
+
+def directory_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_runs_with_one_seed_in_two_processes_write_byte_identical_model_directories(tokenized, tmp_path):
+    """What DVC hashes must not change between identical runs (timings live in metrics/, not beside the weights), or
+    `dvc repro` and `llmops reproduce` would see a new data version where nothing changed. Separate processes, so
+    each has its own string hash seed (peft keeps target_modules as a set)."""
+    import shutil
+
+    params = micro_params(pretrain={"token_budget": 4 * 32 * 10}, finetune={"method": "lora", "max_steps": 3})
+    digests = []
+    for name in ("first", "second"):
+        proj = tmp_path / name
+        shutil.copytree(tokenized, proj)
+        write_params(proj, params)
+        llmops(proj, "stage", "pretrain", "--no-track")
+        llmops(proj, "stage", "finetune", "--no-track")
+        digests.append({d: directory_digests(proj / d) for d in ("models/pretrain", "models/finetune", "models/adapter")})
+    first, second = digests
+    assert {"model.safetensors", "training_summary.json"} <= set(first["models/pretrain"])
+    assert "adapter_config.json" in first["models/adapter"]
+    assert first == second
+    assert json.loads((tmp_path / "first/metrics/pretrain.json").read_text())["tokens_per_s"] > 0, "timings are still reported"
