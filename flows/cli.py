@@ -338,7 +338,7 @@ def reproduce(
         elif diff is None:
             verdict = "differs (file listings not in the cache)"
         else:
-            weights = [f for f in diff if f.endswith((".safetensors", ".bin")) and f != "training_args.bin"]
+            weights = [f for f in diff if f.endswith((".safetensors", ".bin"))]
             verdict = f"{'weights differ' if weights else 'weights bitwise identical'}; files that differ: {', '.join(diff)}"
         console.print(f"{path}: registered md5 {md5['registered']}, reproduced {md5['reproduced']} ({verdict})")
     identical = sum(md5["registered"] == md5["reproduced"] for md5 in outputs.values())

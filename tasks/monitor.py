@@ -243,8 +243,24 @@ def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limi
     return result.perplexity, result.tokens
 
 
+def heldout_key(model_dir: Path, heldout_texts: list[str], seq_len: int, limit: int) -> str:
+    """What the held-out perplexity depends on: the model's files (weights, config, tokenizer), the held-out text, the
+    block length and the token budget. Every batch checked against one model and one held-out split shares it."""
+    h = hashlib.sha256(f"{seq_len}:{limit}".encode())
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model_dir)).encode())
+        h.update(path.read_bytes())
+    for text in heldout_texts:
+        h.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+    return h.hexdigest()[:16]
+
+
 def perplexity_ratio(params: Params, root: Path, batch_texts: list[str], heldout_texts: list[str], side: Path) -> tuple[float, dict[str, Any], str]:
-    """(batch perplexity / held-out perplexity, details, note). Both sides use the model's own tokenizer and the same block length."""
+    """(batch perplexity / held-out perplexity, details, note). Both sides use the model's own tokenizer and the same block length.
+
+    The held-out side is half the work and the same for every batch until the model or the split changes: it is kept
+    under `monitor.workdir/heldout_perplexity/<key>.json` and reused.
+    """
     from tasks.evaluation.generation import load_model
 
     model_dir, label = monitored_model(params, root)
@@ -254,8 +270,18 @@ def perplexity_ratio(params: Params, root: Path, batch_texts: list[str], heldout
     seq_len = min(params.evaluate.seq_len, getattr(model.config, "max_position_embeddings", params.evaluate.seq_len))
     limit = params.monitor.perplexity_tokens
     batch_ppl, batch_tokens = _perplexity(model, tokenizer, batch_texts, seq_len, limit, side / "batch_tokens.bin", "monitor: perplexity (batch)")
-    held_ppl, held_tokens = _perplexity(model, tokenizer, heldout_texts, seq_len, limit, side / "heldout_tokens.bin", "monitor: perplexity (held-out)")
-    details = {"model": label, "batch_perplexity": batch_ppl, "heldout_perplexity": held_ppl, "batch_tokens_scored": batch_tokens, "heldout_tokens_scored": held_tokens}
+    cached = root / params.monitor.workdir / "heldout_perplexity" / f"{heldout_key(model_dir, heldout_texts, seq_len, limit)}.json"
+    reused = cached.exists()
+    if reused:
+        held = json.loads(cached.read_text())
+        held_ppl, held_tokens = held["perplexity"], held["tokens"]
+    else:
+        held_ppl, held_tokens = _perplexity(model, tokenizer, heldout_texts, seq_len, limit, side / "heldout_tokens.bin", "monitor: perplexity (held-out)")
+        atomic_write_json(cached, {"perplexity": held_ppl, "tokens": held_tokens, "model": label})
+    details = {
+        "model": label, "batch_perplexity": batch_ppl, "heldout_perplexity": held_ppl, "batch_tokens_scored": batch_tokens,
+        "heldout_tokens_scored": held_tokens, "heldout_perplexity_reused": reused,
+    }  # fmt: skip
     return batch_ppl / held_ppl, details, label
 
 

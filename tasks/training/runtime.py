@@ -449,6 +449,10 @@ def save_final(trainer: Any, tokenizer: Any, out: Path, extra_json: dict[str, An
     if not is_main_process():
         return
     tokenizer.save_pretrained(tmp)
+    # The pickled TrainingArguments hold console settings (disable_tqdm), so the same training under another
+    # console would change the directory's md5; a model directory also carries no pickles (serve refuses them).
+    # The run is described by training_summary.json, params.yaml and the stage's MLflow run.
+    (tmp / "training_args.bin").unlink(missing_ok=True)
     for name, obj in (extra_json or {}).items():
         atomic_write_json(tmp / name, obj)
     replace_dir(tmp, out)

@@ -83,3 +83,27 @@ def test_the_held_out_split_exported_as_a_batch_is_not_flagged(project):
     result = run_monitor(project, batch)
     assert not result.drift, {c.name: c.score for c in result.checks}
     assert result.info["docs"] == len(rows)
+
+
+def test_the_held_out_perplexity_is_computed_once_per_model_and_reused_for_later_batches(project, same_distribution_batch, prose_batch):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    first, second = run_monitor(project, same_distribution_batch), run_monitor(project, prose_batch)
+    assert first.info["heldout_perplexity_reused"] is False and second.info["heldout_perplexity_reused"] is True
+    assert second.info["heldout_perplexity"] == first.info["heldout_perplexity"]
+    shutil.rmtree(project / "data" / "monitor" / "heldout_perplexity")
+    afresh = run_monitor(project, prose_batch)
+    assert afresh.info["heldout_perplexity_reused"] is False
+    assert afresh.info["heldout_perplexity"] == pytest.approx(first.info["heldout_perplexity"], rel=1e-9)
+    assert afresh.checks == second.checks, "reusing the held-out side changes no score"
+
+    model = AutoModelForCausalLM.from_pretrained(project / "models" / "pretrain")
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)  # another model in the same place: new weights, new key
+    model.save_pretrained(project / "models" / "pretrain")
+    retrained = run_monitor(project, prose_batch)
+    assert retrained.info["heldout_perplexity_reused"] is False
+    assert retrained.info["heldout_perplexity"] != pytest.approx(first.info["heldout_perplexity"], rel=1e-6)

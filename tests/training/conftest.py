@@ -70,8 +70,8 @@ def project(tokenized, tmp_path) -> Path:
     return proj
 
 
-def llmops(project: Path, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    env = os.environ | {"LLMOPS_PROGRESS": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def llmops(project: Path, *args: str, check: bool = True, progress: bool = False, **popen) -> subprocess.CompletedProcess:
+    env = os.environ | {"LLMOPS_PROGRESS": "1" if progress else "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run([str(BIN / "llmops"), *args], cwd=project, env=env, capture_output=True, text=True, **popen)
     if check and out.returncode != 0:
         raise AssertionError(f"llmops {' '.join(args)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")

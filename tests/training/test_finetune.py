@@ -187,20 +187,23 @@ def directory_digests(root: Path) -> dict[str, str]:
 def test_two_runs_with_one_seed_in_two_processes_write_byte_identical_model_directories(tokenized, tmp_path):
     """What DVC hashes must not change between identical runs (timings live in metrics/, not beside the weights), or
     `dvc repro` and `llmops reproduce` would see a new data version where nothing changed. Separate processes, so
-    each has its own string hash seed (peft keeps target_modules as a set)."""
+    each has its own string hash seed (peft keeps target_modules as a set), one with progress bars and one without
+    (the pickled TrainingArguments held that)."""
     import shutil
 
     params = micro_params(pretrain={"token_budget": 4 * 32 * 10}, finetune={"method": "lora", "max_steps": 3})
     digests = []
-    for name in ("first", "second"):
+    for name, progress in (("first", True), ("second", False)):
         proj = tmp_path / name
         shutil.copytree(tokenized, proj)
         write_params(proj, params)
-        llmops(proj, "stage", "pretrain", "--no-track")
-        llmops(proj, "stage", "finetune", "--no-track")
+        llmops(proj, "stage", "pretrain", "--no-track", progress=progress)
+        llmops(proj, "stage", "finetune", "--no-track", progress=progress)
         digests.append({d: directory_digests(proj / d) for d in ("models/pretrain", "models/finetune", "models/adapter")})
     first, second = digests
-    assert {"model.safetensors", "training_summary.json"} <= set(first["models/pretrain"])
-    assert "adapter_config.json" in first["models/adapter"]
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
+    assert set(first["models/pretrain"]) == {"config.json", "generation_config.json", "model.safetensors", "training_summary.json", *tokenizer_files}
+    assert set(first["models/finetune"]) == set(first["models/pretrain"]) | {"chat_template.jinja"}
+    assert set(first["models/adapter"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "chat_template.jinja", *tokenizer_files}
     assert first == second
     assert json.loads((tmp_path / "first/metrics/pretrain.json").read_text())["tokens_per_s"] > 0, "timings are still reported"
