@@ -195,7 +195,7 @@ def serve(
 
     _stop_servers_on_sigterm()
     try:
-        from tasks.registry import model_name, resolve
+        from tasks.registry import ENDPOINT_TAG, clear_endpoint, model_name, record_endpoint, resolve
 
         params = load_params(params_file)
         cfg = params.serve
@@ -208,9 +208,11 @@ def serve(
     except LlmopsError as exc:
         _fail(exc)
     key_from = f"${API_KEY_ENV}" if os.environ.get(API_KEY_ENV) else f"the file {cfg.api_key_file}"
-    console.print(f"[bold green]serving[/] {served.name} at {server.openai_base_url} (OpenAI API; Authorization: Bearer <key from {key_from}>)")
-    console.print(f"logs: {server.log_dir}; Ctrl-C to stop")
     try:
+        if ref.name:  # a registered version: its lineage shows where it is served while this runs
+            record_endpoint(ref.name, ref.version, server.url, params)
+        console.print(f"[bold green]serving[/] {served.name} at {server.openai_base_url} (OpenAI API; Authorization: Bearer <key from {key_from}>)")
+        console.print(f"logs: {server.log_dir}; Ctrl-C to stop")
         while server.running():
             time.sleep(1)
         console.print("[bold red]a server process exited[/]; see the logs above")
@@ -218,6 +220,11 @@ def serve(
         pass
     finally:
         server.stop()
+        if ref.name:
+            try:
+                clear_endpoint(ref.name, ref.version, server.url, params)
+            except Exception as exc:  # the server is down either way; a stale tag only makes lineage probe a dead URL
+                console.print(f"could not remove the {ENDPOINT_TAG} tag of {ref.name} v{ref.version}: {exc}")
     console.print("stopped")
 
 

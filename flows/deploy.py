@@ -74,7 +74,7 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
     import mlflow
     from prefect.runtime import flow_run
 
-    from tasks.registry import alias_version, resolve, set_alias
+    from tasks.registry import DEPLOY_RUN_TAG, alias_version, client, record_endpoint, resolve, set_alias
     from tasks.serving.backends import choose_backend, inspect_model
     from tasks.serving.server import api_key, start
 
@@ -118,6 +118,9 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
                 raise ServeError(f"{spec}: the load test failed the gate, {PRODUCTION} stays at {previous or 'unset'}: " + "; ".join(reasons))
             if ref.name:
                 set_alias(ref.name, PRODUCTION, ref.version, params)
+                client(params).set_model_version_tag(ref.name, ref.version, DEPLOY_RUN_TAG, run.info.run_id)
+                if keep_serving:
+                    record_endpoint(ref.name, ref.version, server.url, params)
                 logger.info("%s: %s -> version %s (was %s)", ref.name, PRODUCTION, ref.version, previous or "unset")
             else:
                 logger.info("%s is a local directory, not a registered version: no alias to move", ref.path)

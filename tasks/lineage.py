@@ -1,8 +1,10 @@
 """Lineage of a registered model version, read from its tags: endpoint -> version -> runs -> data md5s -> source -> params.
 
 The register stage writes the links (`llmops.git_commit`, `llmops.pipeline_run_id`, `llmops.prefect_flow_run_id`,
-`llmops.params_md5`, `llmops.dvc.<path>`, `llmops.run.<stage>`, `llmops.metric.*`); this module only reads them
-back, checks that each linked run exists, and lays the chain out for `llmops lineage` (a tree, or JSON).
+`llmops.params_md5`, `llmops.dvc.<path>`, `llmops.run.<stage>`, `llmops.metric.*`), the deploy flow
+`llmops.deploy_run`, and a server of ours `llmops.endpoint` while it serves the version; this module only reads them
+back, checks that each linked run exists and the endpoint answers, and lays the chain out for `llmops lineage`
+(a tree, or JSON).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from tasks.common.config import Params
 DVC_PREFIX = "llmops.dvc."
 RUN_PREFIX = "llmops.run."
 METRIC_PREFIX = "llmops.metric."
-ENDPOINT_TAG = "llmops.endpoint"
+HEALTH_TIMEOUT_S = 3.0
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
@@ -38,6 +40,17 @@ def describe_run(client: Any, uri: str, run_id: str) -> dict[str, Any]:
     }
 
 
+def endpoint_status(url: str) -> str:
+    """Whether the recorded server answers now: a server killed without stopping cleanly leaves its tag behind."""
+    import httpx
+
+    try:
+        code = httpx.get(f"{url.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).status_code
+    except httpx.HTTPError as exc:
+        return f"not answering ({type(exc).__name__}): stopped, or not reachable from here"
+    return "answering /health" if code == 200 else f"/health answered {code}"
+
+
 def lineage(spec: str, params: Params) -> dict[str, Any]:
     """The chain for `spec` (NAME@ALIAS or NAME@VERSION) as a JSON-able dict."""
     from tasks import registry
@@ -50,13 +63,15 @@ def lineage(spec: str, params: Params) -> dict[str, Any]:
     tags = dict(version.tags or {})
     model = client.get_registered_model(name)
     aliases = sorted(a for a, v in (model.aliases or {}).items() if str(v) == str(version.version))
-    endpoint = tags.get(ENDPOINT_TAG) or ((model.tags or {}).get(ENDPOINT_TAG) if "production" in aliases else None)
+    url = tags.get(registry.ENDPOINT_TAG)
+    deploy_run = tags.get(registry.DEPLOY_RUN_TAG)
     pipeline_run = tags.get("llmops.pipeline_run_id", "none")
     stage_runs = {k[len(RUN_PREFIX) :]: v for k, v in sorted(tags.items()) if k.startswith(RUN_PREFIX)}
     return {
         "spec": spec,
-        "endpoint": endpoint or ("production alias set, no endpoint recorded" if "production" in aliases else None),
+        "endpoint": {"url": url, "status": endpoint_status(url)} if url else None,
         "model": {"name": name, "version": str(version.version), "aliases": aliases, "source": version.source, "run_id": version.run_id},
+        "deploy_run": describe_run(client, uri, deploy_run) if deploy_run else None,
         "register_run": describe_run(client, uri, version.run_id),
         "pipeline_run": None if pipeline_run.startswith("none") else describe_run(client, uri, pipeline_run),
         "stage_runs": {stage: describe_run(client, uri, run_id) for stage, run_id in stage_runs.items()},
@@ -73,11 +88,18 @@ def render_tree(chain: dict[str, Any]) -> Any:
     """A rich Tree: endpoint at the top, down to params."""
     from rich.tree import Tree
 
-    model = chain["model"]
-    top = Tree(f"[bold]endpoint[/]: {chain['endpoint'] or 'not served (no production alias)'}")
+    model, endpoint = chain["model"], chain["endpoint"]
+    if endpoint:
+        served = f"{endpoint['url']} ({endpoint['status']})"
+    elif chain["deploy_run"]:
+        served = f"not served now (deploy run {chain['deploy_run']['run_id']} tested it, moved production and stopped its server)"
+    else:
+        served = "not served (no server of ours has served this version)"
+    top = Tree(f"[bold]endpoint[/]: {served}")
     version = top.add(f"[bold]{model['name']} version {model['version']}[/] aliases: {', '.join(model['aliases']) or 'none'}")
     runs = version.add("[bold]runs[/]")
-    for label, run in [("register", chain["register_run"]), ("pipeline", chain["pipeline_run"])] + list(chain["stage_runs"].items()):
+    described = [("deploy", chain["deploy_run"]), ("register", chain["register_run"]), ("pipeline", chain["pipeline_run"])]
+    for label, run in described + list(chain["stage_runs"].items()):
         if run:
             runs.add(f"{label}: {run['run_id']} {run.get('status', '')} {run.get('url', '')}")
     data = version.add("[bold]data (DVC md5)[/]")

@@ -23,6 +23,8 @@ HF_ARTIFACT = "hf"  # run artifact path of a version's plain HF directory (tag l
 FLAVOR_ARTIFACT = "model"  # name of the logged transformers-flavor model
 SOURCE_FILE = ".registry.json"  # written into a download: which run it came from (a stale copy is re-fetched)
 MODEL_URI_PREFIX = "models:/"
+ENDPOINT_TAG = "llmops.endpoint"  # on a version while a server of ours serves it: the public base URL
+DEPLOY_RUN_TAG = "llmops.deploy_run"  # on a version the deploy flow promoted to production: that deploy's MLflow run
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,18 @@ def alias_version(name: str, alias: str, params: Params) -> str | None:
 def set_alias(name: str, alias: str, version: str, params: Params) -> None:
     valid_alias(alias)  # before connecting: a bad alias is a config mistake, not a store problem
     client(params).set_registered_model_alias(name, alias, str(version))
+
+
+def record_endpoint(name: str, version: str, url: str, params: Params) -> None:
+    """Tag the version with the URL a server now serves it at (`llmops lineage` shows it and checks it answers)."""
+    client(params).set_model_version_tag(name, str(version), ENDPOINT_TAG, url)
+
+
+def clear_endpoint(name: str, version: str, url: str, params: Params) -> None:
+    """Drop the endpoint tag when the server at `url` stops, unless another server of that version has recorded its own since."""
+    mlflow_client = client(params)
+    if (mlflow_client.get_model_version(name, str(version)).tags or {}).get(ENDPOINT_TAG) == url:
+        mlflow_client.delete_model_version_tag(name, str(version), ENDPOINT_TAG)
 
 
 def delete_alias(name: str, alias: str, params: Params) -> None:

@@ -127,6 +127,14 @@ def _register(project: Path, model_dir: Path) -> str:
         return str(log_version(params.register.model_name, model_dir, params, tags={"llmops.test": "1"}, flavor=False).version)
 
 
+def lineage(project: Path, spec: str) -> dict:
+    import json
+
+    out = subprocess.run([str(BIN / "llmops"), "lineage", spec, "--json"], cwd=project, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
 def llmops_deploy(project: Path, *args: str) -> subprocess.CompletedProcess:
     """`llmops deploy` as a user runs it, in the project directory (the key comes from $LLMOPS_API_KEY)."""
     return subprocess.run([str(BIN / "llmops"), "deploy", *args], cwd=project, capture_output=True, text=True, timeout=600)
@@ -158,6 +166,9 @@ def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model
     assert API_KEY not in recorded, "the API key reached MLflow"
     assert "load test" in out.stderr and API_KEY not in out.stdout + out.stderr, "the API key was printed"
     assert server_processes_left(project / params.paths.registry) == []
+    chain = lineage(project, f"{name}@{version}")
+    assert chain["deploy_run"]["run_id"] == run.info.run_id and chain["deploy_run"]["status"] == "FINISHED"
+    assert chain["endpoint"] is None, "the deploy stopped its server: nothing serves the version now"
 
 
 def test_failed_health_check_leaves_production_untouched(project, micro_model):
@@ -183,6 +194,32 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "backend process exited" in runs[0].data.tags["llmops.deploy.failure"]
     assert server_processes_left(project / params.paths.registry) == []
+
+
+def test_llmops_serve_of_a_registered_version_shows_in_its_lineage_while_it_serves(project, micro_model):
+    import signal
+
+    from tasks.serving.server import free_port
+
+    name = load_params(project / "params.yaml").register.model_name
+    version = _register(project, shutil.copytree(micro_model, project / "lineage-model"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "llmops"), "serve", "--model", f"{name}@{version}", "--backend", "transformers", "--port", str(port)],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "serving " in line:
+                break
+        serving = lineage(project, f"{name}@{version}")["endpoint"]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert serving == {"url": f"http://127.0.0.1:{port}", "status": "answering /health"}
+    assert lineage(project, f"{name}@{version}")["endpoint"] is None, "a stopped server takes its endpoint out of the lineage"
 
 
 def test_llmops_serve_runs_until_sigterm_and_leaves_no_process(project, micro_model):
