@@ -58,6 +58,20 @@ def tiny_default(token_budget: int | None, model_name: str):
     return edit
 
 
+def stage_work(repo: Path) -> dict[str, object]:
+    """What each side's retrain did (both must have done the same work for the times to compare)."""
+    metrics = {stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in ("ingest", "pretrain", "finetune", "eval", "register")}
+    return {
+        "docs": metrics["ingest"]["docs"],
+        "pretrain_steps": metrics["pretrain"]["steps"],
+        "pretrain_tokens": metrics["pretrain"]["tokens"],
+        "pretrain_train_s": round(metrics["pretrain"]["train_seconds"], 1),
+        "finetune_steps": metrics["finetune"]["steps"],
+        "humaneval_problems": metrics["eval"].get("humaneval", {}).get("problems", 0),
+        "gate": metrics["register"]["decision"],
+    }
+
+
 def by_hand(stack, repo: Path) -> float:
     """The same retrain and roll-out as one `llmops run`: Prefect ephemeral (the server's deploy trigger stays out of it)."""
     sources = [yaml.safe_load((repo / "params.yaml").read_text())["ingest"]["source"], BATCH]
@@ -91,6 +105,7 @@ def main() -> None:
             finally:
                 stop_process_tree(worker.proc)
             budget = yaml.safe_load((drift / "params.yaml").read_text())["pretrain"]["token_budget"]
+            work = {side: stage_work(repo) for side, repo in (("drift", drift), ("by_hand", hand))}
     seconds = rollout.seconds
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -99,11 +114,14 @@ def main() -> None:
         "drift_deploy_state": rollout.deploy["state_type"],
         "by_hand_s": hand_s,
         "ratio_drift_over_by_hand": seconds["total"] / hand_s,
+        "work": work,
     }
     print(f"\n| tiny preset, {budget:,} tokens | check | retrain + gate | event → roll-out starts | roll-out | drift → served | by hand (llmops run) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| seconds | {seconds['check']:.1f} | {seconds['retrain_and_gate']:.1f} | {seconds['event_to_rollout']:.1f} | {seconds['rollout']:.1f} | "
           f"{seconds['total']:.1f} | {hand_s:.1f} | {seconds['total'] / hand_s:.2f}x |")
+    for side, done in work.items():
+        print(f"{side}: {json.dumps(done)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "drift_to_serve.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -258,8 +258,9 @@ def heldout_key(model_dir: Path, heldout_texts: list[str], seq_len: int, limit: 
 def perplexity_ratio(params: Params, root: Path, batch_texts: list[str], heldout_texts: list[str], side: Path) -> tuple[float, dict[str, Any], str]:
     """(batch perplexity / held-out perplexity, details, note). Both sides use the model's own tokenizer and the same block length.
 
-    The held-out side is half the work and the same for every batch until the model or the split changes: it is kept
-    under `monitor.workdir/heldout_perplexity/<key>.json` and reused.
+    The held-out side costs as much as the batch side (both score up to monitor.perplexity_tokens) and is the same for
+    every batch until the model or the split changes: it is kept under `monitor.workdir/heldout_perplexity/<key>.json`
+    and reused.
     """
     from tasks.evaluation.generation import load_model
 
