@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from tasks.common.tracking import PARENT_RUN_ENV, flatten, git_commit, setup, tr
 from tasks.stages import metrics_filename
 
 OUTPUT_TAIL_LINES = 40
+OUTPUT_CHECK_MS = 200  # how often a silent stage's runner checks that its own output is still read
 STOP_GRACE_S = 10
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
 
@@ -69,9 +71,20 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int,
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=keep_fds)
     assert proc.stdout is not None
+    child_output = select.poll()
+    child_output.register(proc.stdout, select.POLLIN)
+    our_output = _stdout_fd()
     try:
         pending = b""
-        while chunk := proc.stdout.read1(65536):
+        while True:
+            # A stage can be silent for minutes; a worker killed meanwhile must not leave it running unsupervised
+            # until its next line of output finds the pipe broken.
+            if not child_output.poll(OUTPUT_CHECK_MS):
+                if _reader_gone(our_output):
+                    raise BrokenPipeError(f"the reader of this process's output is gone (its worker was killed?) while `{' '.join(cmd[-3:])}` ran")
+                continue
+            if not (chunk := proc.stdout.read1(65536)):
+                break
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             pending += chunk
@@ -83,6 +96,23 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int,
     except BaseException:
         _stop_group(proc)
         raise
+
+
+def _stdout_fd() -> int | None:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in without a file descriptor (in-process capture)
+        return None
+
+
+def _reader_gone(fd: int | None) -> bool:
+    """Whether nothing reads `fd` any more: the write end of a pipe whose reader closed polls POLLERR (a hung-up
+    terminal POLLHUP); a regular file never does."""
+    if fd is None:
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

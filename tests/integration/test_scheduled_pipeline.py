@@ -179,6 +179,19 @@ def stage_process(repo: Path, stage: str) -> psutil.Process | None:
     return None
 
 
+def running_stage_run(stack: Stack, flow_run_id: str, stage: str):
+    """The RUNNING MLflow run of `stage` under the pipeline run of `flow_run_id`, once there is one."""
+    client = mlflow_client(stack)
+    experiment = client.get_experiment_by_name("llmops")
+    if experiment is None:
+        return None
+    parents = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    if not parents:
+        return None
+    query = f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and tags.`llmops.stage` = '{stage}' and attributes.status = 'RUNNING'"
+    return next(iter(client.search_runs([experiment.experiment_id], filter_string=query)), None)
+
+
 def lock_params(repo: Path, stage: str) -> dict:
     """The params DVC recorded for `stage` in dvc.lock (what its recorded outputs were made with)."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -190,7 +203,8 @@ def test_a_worker_killed_mid_stage_crashes_the_run_and_the_next_run_resumes_from
     overrides = ["dedup.threshold=0.9", "tokenize.vocab_size=700"]
     worker = start_worker()
     crashed_id = run_deployment(stack, repo, to_stage="tokenize", overrides=overrides)
-    poll(lambda: stage_process(repo, "tokenize"), RUN_TIMEOUT_S, "the tokenize stage never started", interval_s=0.1, proc=worker.proc, log=worker.log)
+    # Mid-stage: its process is up and its MLflow run has started (before that, it is still importing).
+    poll(lambda: running_stage_run(stack, crashed_id, "tokenize"), RUN_TIMEOUT_S, "the tokenize stage never started", interval_s=0.1, proc=worker.proc, log=worker.log)
     os.kill(worker.proc.pid, signal.SIGKILL)
 
     crashed = wait_for_state(stack, crashed_id, timeout_s=120)

@@ -96,3 +96,41 @@ def test_runs_a_killed_pipeline_left_running_are_closed_and_finished_ones_kept(t
     statuses = {run_id: client.get_run(run_id).info.status for run_id in (parent, finished, left_open)}
     assert statuses == {parent: "KILLED", finished: "FINISHED", left_open: "KILLED"}
     assert client.get_run(left_open).data.tags["llmops.ended_by"] == "test"
+
+
+def test_a_silent_stage_is_stopped_soon_after_the_reader_of_the_runs_output_dies(tmp_path):
+    """A Prefect process worker reads its flow run's stdout; when the worker is killed, the stage the run started must
+    stop within a second, not whenever it next prints (a quiet stage could finish, unsupervised, first)."""
+    import psutil
+
+    from tests.helpers import ROOT
+
+    pid_file, outcome = tmp_path / "stage.pid", tmp_path / "outcome.txt"
+    silent_stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    runner = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from flows.pipeline import _stream
+        try:
+            _stream([sys.executable, "-c", {silent_stage!r}], cwd={str(tmp_path)!r}, env=dict(os.environ))
+        except BrokenPipeError as exc:
+            open({str(outcome)!r}, "w").write(f"stopped: {{exc}}")
+    """)
+    run, stage = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL), None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and run.poll() is None, "the stage never started"
+            time.sleep(0.05)
+        stage = psutil.Process(int(pid_file.read_text()))
+        run.stdout.close()  # the worker reading the run's output is gone
+        closed = time.monotonic()
+        assert run.wait(timeout=30) == 0
+        stage.wait(timeout=10)  # psutil.TimeoutExpired, a failure, if the stage is still running
+        assert time.monotonic() - closed < 5, "the stage outlived its unread run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if stage is not None and stage.is_running():
+            stage.kill()
+    assert outcome.read_text().startswith("stopped: the reader of this process's output is gone")
