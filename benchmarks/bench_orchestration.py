@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import OFFLINE_ENV  # noqa: E402  (importing it sets the offline environment the CLI runs with)
+from llmops.common.env import OFFLINE as OFFLINE_ENV  # noqa: E402  (importing it sets the offline environment the CLI runs with)
 
 os.environ.update(OFFLINE_ENV)
 os.environ["LLMOPS_PROGRESS"] = "0"  # no progress bars in either side's output

@@ -30,7 +30,7 @@ from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline envir
 
 import yaml  # noqa: E402
 
-from tasks.common.config import load_params  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
 
 CORPUS_PACKAGES = ("json", "email", "http", "urllib", "importlib", "concurrent", "logging", "xml")
 
@@ -39,10 +39,10 @@ def tiny_project(workdir: Path, token_budget: int, problems: int) -> Path:
     """A temp project holding the default tiny model pretrained on a small stdlib corpus."""
     import pyarrow as pa
 
-    from tasks import tokenization
-    from tasks.common.io import RECORD_SCHEMA, write_records
-    from tasks.ingest import stdlib_root
-    from tasks.stages import run_stage
+    from tasks import tokenize as tokenization
+    from llmops.common.io import RECORD_SCHEMA, write_records
+    from llmops.data.sources import stdlib_root
+    from llmops.common.runner import run_stage
 
     files = sorted(p for pkg in CORPUS_PACKAGES for p in (stdlib_root() / pkg).rglob("*.py"))
     rows = [{"id": str(p.relative_to(stdlib_root())), "text": p.read_text(errors="replace"), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in files]
@@ -73,7 +73,7 @@ def main() -> None:
     import torch
 
     from tasks import quantize
-    from tasks.quantization import measure
+    from llmops.quantization import measure
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-quantize-")
     if args.project:

@@ -52,8 +52,8 @@ for _k, _v in {
 sys.path.insert(0, str(ROOT))
 
 from tasks import dedup, ingest, tokenization, validate  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import read_records, write_records  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.common.io import read_records, write_records  # noqa: E402
 
 
 def timed(fn, repeat: int):

@@ -4,7 +4,7 @@ Both sides train the `pretrain.preset` model of params.yaml (tiny by default) fr
 data/tokens/train.bin with the same seed, batch_size, seq_len, lr schedule and number of optimizer steps,
 on the CPU of this machine:
 
-  ours    the real stage: `tasks.stages.run_stage("pretrain", params, track=True)`, in a temp project dir
+  ours    the real stage: `llmops.common.stages.run_stage("pretrain", params, track=True)`, in a temp project dir
           (data/tokens and models/tokenizer symlinked to the repo's, a params.yaml with only
           pretrain.token_budget changed so the run is --steps optimizer steps) with MLflow tracking to a
           temp sqlite store (MLFLOW_TRACKING_URI), per-step metrics, checkpoints every train.save_every
@@ -175,9 +175,9 @@ def child_ours(shape: dict, workdir: Path) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from tasks import stages, tokenization
-    from tasks.common import tracking
-    from tasks.common.config import load_params
-    from tasks.training import runtime
+    from llmops.common import tracking
+    from llmops.params.load import load_params
+    from llmops.training import runtime
 
     project = workdir / "project"
     (project / "data").mkdir(parents=True)

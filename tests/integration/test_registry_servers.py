@@ -11,10 +11,10 @@ import httpx
 import pytest
 import yaml
 
-from tasks import registry
-from tasks.common.config import load_params
-from tasks.common.tracking import PARENT_RUN_ENV
-from tasks.stages import run_stage
+from llmops.registry import store as registry
+from llmops.params.load import load_params
+from llmops.common.env import PARENT_RUN as PARENT_RUN_ENV
+from llmops.common.runner import run_stage
 
 from ..helpers import MICRO
 

@@ -5,9 +5,11 @@ import random
 
 import pytest
 
-from tasks import monitor
-from tasks.common.config import DedupConfig, MonitorConfig, parse_params
-from tasks.common.errors import ConfigError
+from llmops.monitoring import drift as monitor
+from llmops.params.dedup import DedupConfig
+from llmops.params.load import parse_params
+from llmops.params.monitor import MonitorConfig
+from llmops.common.errors import ConfigError
 
 from ..conftest import perturb, random_document
 

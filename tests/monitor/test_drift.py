@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import monitor
-from tasks.common.config import load_params
+from llmops.monitoring import drift as monitor
+from llmops.params.load import load_params
 
 from ..conftest import write_jsonl
 

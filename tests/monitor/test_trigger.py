@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import monitor
-from tasks.common.config import load_params
+from llmops.monitoring import drift as monitor
+from llmops.params.load import load_params
 
 from ..conftest import write_jsonl
 from ..helpers import BIN, make_repo, sh, subprocess_env

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import gate_failures
-from tasks.common.config import ServeConfig
-from tasks.common.errors import ConfigError, ServeError
-from tasks.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
-from tasks.serving.server import api_key
+from llmops.params.serve import ServeConfig
+from llmops.common.errors import ConfigError, ServeError
+from llmops.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
+from llmops.serving.server import api_key
 
 pytestmark = pytest.mark.unit
 

@@ -12,11 +12,11 @@ import httpx
 import psutil
 import pytest
 
-from tasks.common.config import load_params
-from tasks.common.errors import ServeError
-from tasks.serving.backends import inspect_model
-from tasks.serving.probes import load_test, smoke_test
-from tasks.serving.server import Server, serving, start
+from llmops.params.load import load_params
+from llmops.common.errors import ServeError
+from llmops.serving.backends import inspect_model
+from llmops.serving.probes import load_test, smoke_test
+from llmops.serving.server import Server, serving, start
 
 from ..helpers import BIN
 from .conftest import API_KEY, write_project
@@ -119,8 +119,8 @@ def test_health_timeout_stops_the_server_and_says_why(project, micro_model):
 def _register(project: Path, model_dir: Path) -> str:
     import mlflow
 
-    from tasks.common.tracking import setup
-    from tasks.registry import log_version
+    from llmops.common.tracking import setup
+    from llmops.registry.store import log_version
 
     params = load_params(project / "params.yaml")
     with mlflow.start_run(experiment_id=setup(params.tracking, project), run_name="register-test"):
@@ -143,7 +143,7 @@ def llmops_deploy(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model):
     import mlflow
 
-    from tasks.registry import alias_version, set_alias
+    from llmops.registry.store import alias_version, set_alias
 
     params = load_params(project / "params.yaml")
     name = params.register.model_name
@@ -174,7 +174,7 @@ def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model
 def test_failed_health_check_leaves_production_untouched(project, micro_model):
     import mlflow
 
-    from tasks.registry import alias_version, set_alias
+    from llmops.registry.store import alias_version, set_alias
 
     params = load_params(project / "params.yaml")
     name = params.register.model_name
@@ -199,7 +199,7 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
 def test_llmops_serve_of_a_registered_version_shows_in_its_lineage_while_it_serves(project, micro_model):
     import signal
 
-    from tasks.serving.server import free_port
+    from llmops.serving.server import free_port
 
     name = load_params(project / "params.yaml").register.model_name
     version = _register(project, shutil.copytree(micro_model, project / "lineage-model"))
@@ -225,7 +225,7 @@ def test_llmops_serve_of_a_registered_version_shows_in_its_lineage_while_it_serv
 def test_llmops_serve_runs_until_sigterm_and_leaves_no_process(project, micro_model):
     import signal
 
-    from tasks.serving.server import free_port
+    from llmops.serving.server import free_port
 
     model_dir = shutil.copytree(micro_model, project / "cli-model")
     port = free_port()

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from tasks.common.config import TokenizeConfig, load_params
-from tasks.common.io import RECORD_SCHEMA, write_records
-from tasks.ingest import stdlib_root
+from llmops.params.load import load_params
+from llmops.params.tokenize import TokenizeConfig
+from llmops.common.io import RECORD_SCHEMA, write_records
+from llmops.data.sources import stdlib_root
 
 from ..helpers import BIN, MICRO
 
@@ -50,7 +51,7 @@ def write_params(project: Path, params: dict) -> Path:
 @pytest.fixture(scope="session")
 def tokenized(tmp_path_factory) -> Path:
     """data/dedup (stdlib json + email modules) and its tokenize outputs, built once per session."""
-    from tasks import tokenization
+    from tasks import tokenize as tokenization
 
     root = tmp_path_factory.mktemp("tokenized")
     files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import TrainConfig
-from tasks.common.errors import ConfigError
-from tasks.training.launch import launch_command
+from llmops.params.train import TrainConfig
+from llmops.common.errors import ConfigError
+from llmops.training.launch import launch_command
 
 from ..conftest import ROOT
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import registry
-from tasks.common.config import load_params
-from tasks.common.errors import RegistryError
-from tasks.common.tracking import PARENT_RUN_ENV
-from tasks.stages import run_stage
+from llmops.registry import store as registry
+from llmops.params.load import load_params
+from llmops.common.errors import RegistryError
+from llmops.common.env import PARENT_RUN as PARENT_RUN_ENV
+from llmops.common.runner import run_stage
 
 from ..helpers import MICRO, free_port
 from .conftest import micro_params, write_params
@@ -76,7 +76,7 @@ def new_model(project: Path, seed: int, perplexity: float, pass_at_1: float) -> 
 def test_first_version_becomes_champion_with_lineage_tags(proj):
     import mlflow
 
-    from tasks.common import tracking
+    from llmops.common import tracking
 
     params = load_params(proj / "params.yaml")
     experiment_id = tracking.setup(params.tracking)

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from tasks.common.config import Params, apply_overrides, load_params, parse_override, parse_params, write_overrides
-from tasks.common.errors import ConfigError
+from llmops.params.load import Params, apply_overrides, load_params, parse_override, parse_params, write_overrides
+from llmops.common.errors import ConfigError
 
 from ..conftest import ROOT
 

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 
 from tasks import dedup
-from tasks.common.config import DedupConfig
-from tasks.common.io import RECORD_SCHEMA, read_records, write_records
+from llmops.params.dedup import DedupConfig
+from llmops.common.io import RECORD_SCHEMA, read_records, write_records
 
 from ..conftest import perturb, random_document
 

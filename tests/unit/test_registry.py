@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import registry
-from tasks.common.config import parse_params
-from tasks.common.errors import RegistryError
+from llmops.registry import store as registry
+from llmops.params.load import parse_params
+from llmops.common.errors import RegistryError
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ def test_model_name_adds_the_lower_case_scheme_for_quantized_variants():
 
 
 def test_model_name_must_be_a_valid_registry_name():
-    from tasks.common.errors import ConfigError
+    from llmops.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="register.model_name"):
         parse_params({"register": {"model_name": "bad name/with slash"}})

@@ -5,10 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks import tokenization
-from tasks.common.config import ModelConfig, TokenizeConfig
-from tasks.common.errors import DataError
-from tasks.common.io import RECORD_SCHEMA, write_records
+from tasks import tokenize as tokenization
+from llmops.params.model import ModelConfig
+from llmops.params.tokenize import TokenizeConfig
+from llmops.common.errors import DataError
+from llmops.common.io import RECORD_SCHEMA, write_records
 
 from ..conftest import ROOT
 

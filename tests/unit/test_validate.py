@@ -3,9 +3,10 @@ import json
 import pytest
 
 from tasks import ingest, validate
-from tasks.common.config import IngestConfig, ValidateConfig
-from tasks.common.errors import DataError
-from tasks.common.io import read_records
+from llmops.params.ingest import IngestConfig
+from llmops.params.validate import ValidateConfig
+from llmops.common.errors import DataError
+from llmops.common.io import read_records
 
 from ..conftest import write_jsonl
 
