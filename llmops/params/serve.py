@@ -31,3 +31,4 @@ class ServeConfig(Section):
     load_max_tokens: int = Field(32, ge=1)
     max_error_rate: float = Field(0.0, ge=0, le=1)  # load-test gate: failed requests / requests
     max_p95_latency_s: float = Field(60.0, ge=0)  # load-test gate; 0 = no limit
+    after_run: bool = True  # `llmops run` ends with the deploy flow (when the run covers the whole DAG)

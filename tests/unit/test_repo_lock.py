@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from flows.pipeline import close_runs_left_open, mlflow_run_url
+from flows.pipeline import close_runs_left_open
+from llmops.common.tracking import run_url as mlflow_run_url
 from llmops.common.repo_lock import RepoBusyError, repo_lock
 
 pytestmark = pytest.mark.unit
