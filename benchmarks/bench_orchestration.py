@@ -80,7 +80,7 @@ def main() -> None:
             (root / "a").mkdir()
             (root / "b").mkdir()
             plain = make_repo(root / "a", stack.env, tiny_corpus=False)
-            orchestrated = make_repo(root / "b", stack.env, files=("prefect.yaml",), dirs=("tasks", "flows"), tiny_corpus=False)
+            orchestrated = make_repo(root / "b", stack.env, files=("prefect.yaml",), dirs=("tasks", "llmops", "flows"), tiny_corpus=False)
             stack.prefect("work-pool", "create", POOL, "--type", "process", cwd=orchestrated)
             stack.prefect("deploy", "--name", "pipeline", cwd=orchestrated)
             worker = stack.start_worker(orchestrated)

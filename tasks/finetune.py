@@ -107,9 +107,11 @@ def run(cfg: FinetuneConfig, train: TrainConfig, base_model: ModelConfig, paths:
     )
     tokenizer.chat_template = TEMPLATES[cfg.template]
     out, adapter_out = paths.finetune_model, paths.adapter
-    summary_json = {"method": cfg.method, "template": cfg.template, "base": base}
+    # The base as params.yaml names it: recorded paths must not depend on where the checkout lives (one DVC md5).
+    base_name = base_model.base or paths.relative(paths.pretrain_model)
+    summary_json = {"method": cfg.method, "template": cfg.template, "base": base_name}
     if cfg.method == "lora":
-        runtime.save_lora(trainer, tokenizer, out, adapter_out, summary_json)
+        runtime.save_lora(trainer, tokenizer, out, adapter_out, summary_json, base_name)
     else:
         runtime.save_final(trainer, tokenizer, out, {"training_summary.json": summary_json})
         if runtime.is_main_process():

@@ -56,8 +56,8 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
         base = score(BASELINE, model_dir, cfg, evaluate, tokens, prompt)
         rows = [base] + [{**compare(score(s, tmp / s, cfg, evaluate, tokens, prompt), base, cfg), "quantize_seconds": seconds[s]} for s in schemes]
         notes = [
-            f"Baseline: {model_dir} (unquantized); every row measured in this run on the same data: held-out perplexity "
-            f"({evaluate.eval_tokens or 'all'} tokens of {tokens / 'val.bin'}, blocks of {evaluate.seq_len})"
+            f"Baseline: {paths.relative(model_dir)} (unquantized); every row measured in this run on the same data: held-out perplexity "
+            f"({evaluate.eval_tokens or 'all'} tokens of {paths.relative(tokens / 'val.bin')}, blocks of {evaluate.seq_len})"
             + (f", HumanEval pass@1 on {evaluate.max_problems} problems" if "pass_at_1" in base else "") + ".",
             f"Calibration: {len(calibration)} blocks of {cfg.calibration_seq_len} tokens from the train split (seed {cfg.seed})"
             + (f"; W4A16 group size {group_size}" if group_size else "") + ".",

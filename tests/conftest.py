@@ -24,6 +24,13 @@ def project_paths(root: Path, **overrides: str) -> PathsConfig:
     return PathsConfig(**overrides).under(root)
 
 
+def store_of(params):
+    """The registry store of loaded params (its tracking URI and download folder under the params' root)."""
+    from llmops.registry.store import Store
+
+    return Store.of(params.tracking, params.paths)
+
+
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -56,7 +56,7 @@ def subprocess_env(root: Path) -> dict[str, str]:
     return env
 
 
-def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks",), tiny_corpus: bool = True) -> Path:
+def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks", "llmops"), tiny_corpus: bool = True) -> Path:
     """A git+DVC repository under `root` holding dvc.yaml, the given project files and dirs, and params.yaml
     (set for the tiny corpus, or the project's own defaults when `tiny_corpus` is False).
 

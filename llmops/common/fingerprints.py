@@ -87,3 +87,11 @@ def weights_identity(model: str) -> str:
     if not path.is_dir():
         return model
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors")))
+
+
+def texts_digest(texts: Iterable[str]) -> str:
+    """sha256 over a sequence of texts, each hashed on its own (so a text boundary cannot move unnoticed)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+    return h.hexdigest()

@@ -174,8 +174,12 @@ def iter_records(cfg: IngestConfig, stats: IngestStats, root: Path) -> Iterator[
 
     sources = resolve_sources(cfg.source, cfg.file_glob, root)
     if not sources:
-        shown = cfg.source or f"{stdlib_root()}/{cfg.file_glob}"
-        raise DataError(f"ingest.source={shown!r}: matched no files. Point ingest.source at a file, directory or glob.")
+        named = cfg.source or f"{stdlib_root()}/{cfg.file_glob}"
+        raise DataError(f"ingest.source={named!r}: matched no files. Point ingest.source at a file, directory or glob.")
+
+    def shown(path: Path) -> str:  # as the user named it: relative to the repository root when under it
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
     for label, base, path in progress(sources, desc="ingest", unit="file"):
         if is_hf_dataset(path):
             stats.files_read += 1
@@ -185,11 +189,11 @@ def iter_records(cfg: IngestConfig, stats: IngestStats, root: Path) -> Iterator[
         try:
             size = path.stat().st_size
             if size > cfg.max_file_bytes:
-                stats.skipped.append({"path": str(path), "reason": f"larger than ingest.max_file_bytes ({size} > {cfg.max_file_bytes})"})
+                stats.skipped.append({"path": shown(path), "reason": f"larger than ingest.max_file_bytes ({size} > {cfg.max_file_bytes})"})
                 continue
             data = path.read_bytes() if path.suffix not in PARQUET_SUFFIXES else b""
         except OSError as exc:
-            stats.skipped.append({"path": str(path), "reason": f"unreadable: {exc.strerror or exc}"})
+            stats.skipped.append({"path": shown(path), "reason": f"unreadable: {exc.strerror or exc}"})
             continue
         stats.files_read += 1
         stats.bytes_read += size
@@ -199,7 +203,7 @@ def iter_records(cfg: IngestConfig, stats: IngestStats, root: Path) -> Iterator[
             try:
                 table = pq.read_table(path)
             except (OSError, pa.ArrowException) as exc:
-                stats.skipped.append({"path": str(path), "reason": f"not a readable Parquet file: {exc}"})
+                stats.skipped.append({"path": shown(path), "reason": f"not a readable Parquet file: {exc}"})
                 continue
             yield from read_table(label, rel, table, cfg)
         else:

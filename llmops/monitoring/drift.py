@@ -1,6 +1,6 @@
 """Drift monitor: stage a new batch in a side area, compare it with the training data and the served model, write metrics/monitor.json.
 
-The batch is ingested and validated with the stages' own code into `monitor.workdir/<batch id>/`
+The batch is ingested and validated with the data library the stages call into `monitor.workdir/<batch id>/`
 (never one of the training data paths), tokenized with the training tokenizer, and compared with
 `reference_stats.json` (written by tokenize with the same function) and with the training split:
 
@@ -18,7 +18,6 @@ threshold. Results go to metrics/monitor.json, an HTML report, and one MLflow ru
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from llmops.common.errors import ConfigError, DataError, LlmopsError
-from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, files_digest
+from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, files_digest, texts_digest
 from llmops.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_records, write_records
 from llmops.common.stages import MONITOR_METRICS, metrics_file
 from llmops.data.expectations import validate_records
@@ -248,10 +247,8 @@ def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limi
 def heldout_key(model_dir: Path, heldout_texts: list[str], seq_len: int, limit: int) -> str:
     """What the held-out perplexity depends on: the model's files (weights, config, tokenizer), the held-out text, the
     block length and the token budget. Every batch checked against one model and one held-out split shares it."""
-    texts = hashlib.sha256()
-    for text in heldout_texts:
-        texts.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
-    return directory_digest(model_dir, algorithm="sha256", recursive=True, extra=f"{seq_len}:{limit}:{texts.hexdigest()}")[:16]
+    extra = f"{seq_len}:{limit}:{texts_digest(heldout_texts)}"
+    return directory_digest(model_dir, algorithm="sha256", recursive=True, extra=extra)[:16]
 
 
 def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list[str], side: Path) -> tuple[float, dict[str, Any], str]:

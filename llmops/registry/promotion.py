@@ -9,14 +9,13 @@ and the result is cached on the champion version as tag `llmops.eval.<fingerprin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from llmops.common import env
-from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, file_md5, files_digest
+from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, file_md5, files_digest, json_key
 from llmops.common.stages import STAGES, metrics_file
 from llmops.common.tracking import flatten, git_commit
 from llmops.params.evaluate import EvaluateConfig
@@ -189,7 +188,7 @@ def log_params_file(root: Path, sections: dict[str, Any]) -> str:
         mlflow.log_artifact(str(params_file))
         return file_md5(params_file)
     mlflow.log_dict(sections, "params.json")
-    return hashlib.md5(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+    return json_key(sections, length=32)
 
 
 def promote(

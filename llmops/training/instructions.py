@@ -87,13 +87,13 @@ def docstring_pairs(doc_id: str, text: str) -> Iterator[Pair]:
         )
 
 
-def read_jsonl_pairs(path: Path) -> tuple[list[Pair], list[Rejected]]:
+def read_jsonl_pairs(path: Path, shown: str = "") -> tuple[list[Pair], list[Rejected]]:
     """User pairs: {"prompt", "response"} or {"messages": [{role, content}, ...]} ending with the assistant."""
     pairs: list[Pair] = []
     rejected: list[Rejected] = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
+            where = f"{shown or path}:{lineno}"
             if not line.strip():
                 continue
             try:
@@ -157,7 +157,7 @@ def build_pairs(cfg: FinetuneConfig, seed: int, dedup_dir: Path, root: Path) -> 
         path = Path(root) / cfg.data
         if not path.is_file():
             raise ConfigError(f"params.yaml: finetune.data={cfg.data!r} is not a file (expected JSONL of prompt/response or messages)")
-        pairs, rejected = read_jsonl_pairs(path)
+        pairs, rejected = read_jsonl_pairs(path, shown=cfg.data)  # quarantine rows name the file as params.yaml does
         counts["rows"] = len(pairs) + len(rejected)
     else:
         table = read_records(dedup_dir)

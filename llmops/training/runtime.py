@@ -434,12 +434,15 @@ def save_final(trainer: Any, tokenizer: Any, out: Path, extra_json: dict[str, An
     replace_dir(tmp, out)
 
 
-def save_lora(trainer: Any, tokenizer: Any, out: Path, adapter_out: Path, summary_json: dict[str, Any]) -> None:
-    """The adapter as trained, and the base with the adapter merged in: a standalone model for eval and serving."""
+def save_lora(trainer: Any, tokenizer: Any, out: Path, adapter_out: Path, summary_json: dict[str, Any], base_name: str) -> None:
+    """The adapter as trained (its base recorded as `base_name`), and the base with the adapter merged in: a standalone
+    model for eval and serving."""
     trainer.accelerator.wait_for_everyone()
     if not is_main_process():
         return
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = base_name  # not the absolute path it was loaded from
     with atomic_dir(adapter_out) as tmp:
         peft_model.save_pretrained(tmp)
         sort_target_modules(tmp / "adapter_config.json")

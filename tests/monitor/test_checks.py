@@ -54,9 +54,9 @@ def test_checks_flag_past_their_threshold_in_the_right_direction_and_never_on_a_
 
 @pytest.mark.parametrize("key,value", [("workdir", "data/tokens/monitor"), ("workdir", "data"), ("batches_dir", "data/raw")])
 def test_a_side_area_inside_or_around_training_data_is_refused(tmp_path, key, value):
-    params = parse_params({"monitor": {key: value}})
+    params = parse_params({"monitor": {key: value}}, root=tmp_path)
     with pytest.raises(ConfigError, match=f"monitor.{key}"):
-        monitor.check_side_area(params, tmp_path)
+        monitor.check_side_area(params)
 
 
 def test_a_small_batch_is_flagged_for_length_only_past_what_chance_explains():

@@ -21,6 +21,8 @@ from llmops.serving.server import Server, serving, start
 from ..helpers import BIN
 from .conftest import API_KEY, write_project
 
+from ..conftest import store_of
+
 pytestmark = pytest.mark.integration
 
 
@@ -124,7 +126,7 @@ def _register(project: Path, model_dir: Path) -> str:
 
     params = load_params(project / "params.yaml")
     with mlflow.start_run(experiment_id=setup(params.tracking, project), run_name="register-test"):
-        return str(log_version(params.register.model_name, model_dir, params, tags={"llmops.test": "1"}, flavor=False).version)
+        return str(log_version(params.register.model_name, model_dir, store_of(params), tags={"llmops.test": "1"}, flavor=False).version)
 
 
 def lineage(project: Path, spec: str) -> dict:
@@ -148,13 +150,13 @@ def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model
     params = load_params(project / "params.yaml")
     name = params.register.model_name
     version = _register(project, micro_model)
-    set_alias(name, "champion", version, params)
+    set_alias(name, "champion", version, store_of(params))
 
     out = llmops_deploy(project)
 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"production -> {name} v{version}" in out.stderr
-    assert alias_version(name, "production", params) == version
+    assert alias_version(name, "production", store_of(params)) == version
     (run,) = mlflow.search_runs(experiment_names=[params.tracking.experiment], filter_string=f"tags.`llmops.model_version` = '{version}'", output_format="list")
     assert run.info.status == "FINISHED"
     assert run.data.tags["llmops.model_name"] == name and run.data.tags["llmops.model_version"] == version
@@ -179,7 +181,7 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
     params = load_params(project / "params.yaml")
     name = params.register.model_name
     good = _register(project, micro_model)
-    set_alias(name, "production", good, params)
+    set_alias(name, "production", good, store_of(params))
     broken = project / "broken-model"
     shutil.copytree(micro_model, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # the backend process dies loading it
@@ -189,7 +191,7 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
 
     assert out.returncode == 1 and "backend process exited" in out.stderr, out.stderr[-5000:]
 
-    assert alias_version(name, "production", params) == good
+    assert alias_version(name, "production", store_of(params)) == good
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], filter_string=f"tags.`llmops.model_version` = '{bad}'", output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "backend process exited" in runs[0].data.tags["llmops.deploy.failure"]

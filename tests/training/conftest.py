@@ -51,7 +51,7 @@ def write_params(project: Path, params: dict) -> Path:
 @pytest.fixture(scope="session")
 def tokenized(tmp_path_factory) -> Path:
     """data/dedup (stdlib json + email modules) and its tokenize outputs, built once per session."""
-    from tasks import tokenize as tokenization
+    from tasks import tokenize
 
     root = tmp_path_factory.mktemp("tokenized")
     files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]
@@ -59,7 +59,7 @@ def tokenized(tmp_path_factory) -> Path:
     write_records(root / "data" / "dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     params = load_params(write_params(root, micro_params()))
     cfg = TokenizeConfig(vocab_size=300, val_fraction=0.1)
-    tokenization.run(cfg, params.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    tokenize.run(cfg, params.model, params.paths)
     return root
 
 

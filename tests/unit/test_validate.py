@@ -34,7 +34,7 @@ def build_bad_corpus(root):
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
-    raw = build_bad_corpus(root)
+    build_bad_corpus(root)
     result = validate.run(ValidateConfig(min_pass_rate=0.5), project_paths(root, raw="raw", validated="ok", quarantine="quarantine", reports="reports"))
     quarantined = {r["id"]: json.loads(r["failed_expectations"]) for r in read_records(root / "quarantine").to_pylist()}
     return root, result, quarantined
@@ -93,7 +93,7 @@ def test_data_docs_html_is_written(validated):
 
 
 def test_pass_rate_under_the_threshold_fails_and_still_writes_the_quarantine(tmp_path):
-    raw = build_bad_corpus(tmp_path)
+    build_bad_corpus(tmp_path)
     with pytest.raises(DataError) as err:
         validate.run(ValidateConfig(min_pass_rate=0.9), project_paths(tmp_path, raw="raw", validated="ok", quarantine="quarantine", reports="reports"))
     message = str(err.value)
