@@ -125,7 +125,7 @@ def main() -> None:
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "monitor.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"| batch | docs | held-out perplexity | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|---|")
+    print("| batch | docs | held-out perplexity | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|---|")
     for case, label in (("first", "scored (first batch for this model)"), ("later", "reused (later batches)")):
         r = out[case]
         print(f"| {mb:.1f} MB | {out['docs']} | {label} | {r['monitor_s']:.1f} s | {r['monitor_mb_per_s']:.2f} | {base_s:.1f} s | "

@@ -73,7 +73,7 @@ def run_stage(name: str, params: Params, *, track: bool = True, params_file: Pat
 
 
 def _launch(stage: Stage, params: Params, params_file: Path, track: bool, metrics_file: Path) -> StageResult:
-    from llmops.training import launch
+    from llmops.common import launch
 
     cmd = launch.launch_command(params.train, stage.name, params_file, params.paths.root)
     if not track:

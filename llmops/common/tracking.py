@@ -8,12 +8,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmops.common import env
 from llmops.common.fingerprints import dvc_lock_outputs
 from llmops.common.results import StageResult
-from llmops.params.tracking import TrackingConfig
+
+if TYPE_CHECKING:
+    from llmops.params.tracking import TrackingConfig
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from llmops.params.train import TrainConfig
 from llmops.common.errors import ConfigError
-from llmops.training.launch import launch_command
+from llmops.common.launch import launch_command
 
 from ..conftest import ROOT
 

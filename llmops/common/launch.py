@@ -1,4 +1,4 @@
-"""Run a training stage under torchrun or `accelerate launch` when `train.launcher` says so.
+"""The command line that runs a stage under torchrun or `accelerate launch` when `train.launcher` says so.
 
 `llmops stage pretrain` (what dvc.yaml calls) re-executes itself under the launcher; every process
 then runs the stage, and process 0 tracks it and writes the outputs. DVC and the Prefect flow see
@@ -10,9 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from llmops.common import env
 from llmops.common.errors import ConfigError
-from llmops.params.train import TrainConfig
+
+if TYPE_CHECKING:
+    from llmops.params.train import TrainConfig
 
 
 def launch_command(train: TrainConfig, stage: str, params_file: Path, root: Path) -> list[str]:
