@@ -441,8 +441,11 @@ def save_lora(trainer: Any, tokenizer: Any, out: Path, adapter_out: Path, summar
     if not is_main_process():
         return
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    # Recorded as params.yaml names it, not as the absolute path it was loaded from (adapter config and model card).
     for adapter_config in peft_model.peft_config.values():
-        adapter_config.base_model_name_or_path = base_name  # not the absolute path it was loaded from
+        adapter_config.base_model_name_or_path = base_name
+    base = peft_model.get_base_model()
+    base.config.name_or_path = base.name_or_path = base_name
     with atomic_dir(adapter_out) as tmp:
         peft_model.save_pretrained(tmp)
         sort_target_modules(tmp / "adapter_config.json")
