@@ -17,8 +17,6 @@ threshold. Results go to metrics/monitor.json, an HTML report, and one MLflow ru
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
@@ -34,33 +32,17 @@ from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, files
 from llmops.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_records, write_records
 from llmops.common.stages import MONITOR_METRICS, metrics_file
 from llmops.data.expectations import validate_records
-from llmops.data.minhash import exact_key, near_duplicate_pairs, signatures
+from llmops.monitoring.checks import Check, binned_ks, build_checks, jensen_shannon, ks_critical_value, near_duplicate_share, psi
+from llmops.monitoring.report import render_report
 from llmops.data.sources import ingest, resolve_sources
 from llmops.data.tokenizer import REFERENCE_STATS, encode_and_pack, is_validation_doc, reference_stats, split_documents
-from llmops.params.dedup import DedupConfig
 from llmops.params.load import Params
-from llmops.params.monitor import MonitorConfig
 
 log = logging.getLogger("llmops.monitor")
 REPORT_FILE = "report.html"
 CHARS_PER_TOKEN_BOUND = 12  # BPE on code and prose stays well under this; only bounds how much text is encoded for perplexity
 # params.yaml `paths` that hold training data or models: the side area may be none of them and sit in none of them.
 TRAINING_PATHS = ("raw", "validated", "quarantine", "dedup", "duplicates", "tokens", "tokenizer", "instructions", "pretrain_model", "finetune_model", "adapter")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    score: float  # NaN when it could not be computed (the reason is in `note`)
-    threshold: float
-    kind: str  # "max": flagged above the threshold; "min": flagged below it
-    note: str = ""
-
-    @property
-    def flagged(self) -> bool:
-        if math.isnan(self.score):
-            return False
-        return self.score > self.threshold if self.kind == "max" else self.score < self.threshold
 
 
 @dataclass
@@ -89,86 +71,6 @@ class MonitorResult:
         )
 
 
-# ---- pure checks -------------------------------------------------------------------------------
-
-
-def binned_ks(reference_hist: list[int] | np.ndarray, batch_hist: list[int] | np.ndarray) -> float:
-    """Kolmogorov-Smirnov statistic between two histograms on the same bins: max |CDF_ref - CDF_batch|."""
-    ref, new = np.asarray(reference_hist, dtype=float), np.asarray(batch_hist, dtype=float)
-    if ref.sum() == 0 or new.sum() == 0:
-        return float("nan")
-    return float(np.max(np.abs(np.cumsum(ref) / ref.sum() - np.cumsum(new) / new.sum())))
-
-
-def ks_critical_value(n_reference: float, n_batch: float, alpha: float) -> float:
-    """The two-sample KS statistic that chance alone exceeds with probability `alpha` (asymptotic Kolmogorov bound).
-
-    A batch of a few documents moves the length CDF in big steps; below this value the difference is sampling noise.
-    """
-    if n_reference <= 0 or n_batch <= 0:
-        return float("nan")
-    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n_reference + n_batch) / (n_reference * n_batch))
-
-
-def psi(reference_hist: list[int] | np.ndarray, batch_hist: list[int] | np.ndarray, eps: float = 1e-4) -> float:
-    """Population stability index over the same bins (empty bins floored at `eps`); reported beside KS."""
-    ref, new = np.asarray(reference_hist, dtype=float), np.asarray(batch_hist, dtype=float)
-    if ref.sum() == 0 or new.sum() == 0:
-        return float("nan")
-    p, q = np.maximum(ref / ref.sum(), eps), np.maximum(new / new.sum(), eps)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
-def jensen_shannon(reference_counts: list[int] | np.ndarray, batch_counts: list[int] | np.ndarray) -> float:
-    """Jensen-Shannon divergence (base 2, in [0, 1]) between two unigram count vectors over one vocabulary."""
-    from scipy.spatial.distance import jensenshannon
-
-    ref, new = np.asarray(reference_counts, dtype=float), np.asarray(batch_counts, dtype=float)
-    if ref.shape != new.shape:
-        raise DataError(f"unigram counts over different vocabularies ({ref.size} vs {new.size}): re-run tokenize (`dvc repro tokenize`).")
-    if ref.sum() == 0 or new.sum() == 0:
-        return float("nan")
-    return float(jensenshannon(ref, new, base=2) ** 2)
-
-
-def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: list[str]) -> float:
-    """Share of batch documents that near-duplicate (or exactly repeat) a training document.
-
-    Dedup's own MinHash LSH over training docs followed by batch docs: a verified pair (train i, batch j) marks j.
-    """
-    if not batch_texts:
-        return float("nan")
-    train_keys = {exact_key(t) for t in train_texts}
-    exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
-    texts = train_texts + batch_texts
-    sigs = signatures(cfg, texts)
-    pairs = near_duplicate_pairs(cfg, sigs, [bool(t.split()) for t in texts])
-    n = len(train_texts)
-    near = {j - n for i, j, _ in pairs if i < n <= j}
-    return len(exact | near) / len(batch_texts)
-
-
-def build_checks(
-    scores: dict[str, float], cfg: MonitorConfig, notes: dict[str, str] | None = None, ks_critical: float = float("nan")
-) -> list[Check]:
-    """One Check per drift measure. The length check's bar is the larger of its threshold and `ks_critical`, so a small
-    batch is flagged only for a length shift chance cannot explain (at monitor.length_ks_alpha)."""
-    notes = dict(notes or {})
-    length_bar = cfg.length_ks_max
-    if ks_critical > cfg.length_ks_max:
-        length_bar = ks_critical
-        notes.setdefault("token_length_ks", f"small batch: KS below {ks_critical:.3f} is sampling noise at alpha {cfg.length_ks_alpha}")
-    spec = [
-        ("token_length_ks", length_bar, "max"),
-        ("unigram_js", cfg.unigram_js_max, "max"),
-        ("oov_rate_increase", cfg.oov_rate_increase_max, "max"),
-        ("validation_pass_rate", cfg.min_pass_rate, "min"),
-        ("near_duplicate_share", cfg.near_duplicate_share_max, "max"),
-        ("perplexity_ratio", cfg.perplexity_ratio_max, "max"),
-    ]
-    return [Check(name, float(scores.get(name, float("nan"))), threshold, kind, notes.get(name, "")) for name, threshold, kind in spec]
-
-
 def batch_fingerprint(files: list[Path]) -> str:
     """12 hex digits of sha256 over the batch's file names and bytes: the same batch gets the same id."""
     return files_digest(sorted(files), algorithm="sha256")[:12]
@@ -186,9 +88,6 @@ def check_side_area(params: Params) -> None:
                     f"params.yaml: monitor.{key}={getattr(params.monitor, key)!r} overlaps paths.{name}={getattr(params.paths, name)!r}; "
                     "the monitor must never write into training data. Point it at a folder of its own (e.g. data/monitor)."
                 )
-
-
-# ---- the run -------------------------------------------------------------------------------------
 
 
 def _token_stats(tokenizer: Any, texts: list[str], bins: int, desc: str) -> tuple[dict[str, Any], np.ndarray]:
@@ -426,70 +325,6 @@ def log_to_mlflow(params: Params, result: MonitorResult) -> str:
 
 
 # ---- report --------------------------------------------------------------------------------------
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def render_report(result: MonitorResult, reference: dict[str, Any], stats: dict[str, Any]) -> str:
-    """A self-contained HTML page: the checks table, token-length histograms, and the unigrams that moved most."""
-    import html
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = np.asarray(reference["doc_length_bin_edges"])
-    ref_h = np.asarray(reference["doc_length_histogram"], dtype=float)
-    new_h = np.asarray(stats["doc_length_histogram"], dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 3))
-    centers = np.sqrt(edges[:-1] * edges[1:])
-    ax.step(centers, ref_h / max(ref_h.sum(), 1), where="mid", label=f"reference ({int(ref_h.sum())} docs)")
-    ax.step(centers, new_h / max(new_h.sum(), 1), where="mid", label=f"batch ({int(new_h.sum())} docs)")
-    ax.set(xscale="log", xlabel="document length (tokens)", ylabel="share of documents", title="Token-length distribution")
-    ax.legend()
-    length_png = _png(fig)
-
-    ref_u = np.asarray(reference["unigram_counts"], dtype=float)
-    new_u = np.asarray(stats["unigram_counts"], dtype=float)
-    p, q = ref_u / max(ref_u.sum(), 1), new_u / max(new_u.sum(), 1)
-    top = np.argsort(-np.abs(q - p))[:20]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(np.arange(len(top)) - 0.2, p[top], height=0.4, label="reference")
-    ax.barh(np.arange(len(top)) + 0.2, q[top], height=0.4, label="batch")
-    ax.set_yticks(np.arange(len(top)), [f"id {i}" for i in top])
-    ax.invert_yaxis()
-    ax.set(xlabel="share of tokens", title="Unigrams that moved most")
-    ax.legend()
-    unigram_png = _png(fig)
-
-    rows = "".join(
-        f"<tr class='{'bad' if c.flagged else 'ok'}'><td>{c.name}</td><td>{'n/a' if math.isnan(c.score) else f'{c.score:.4f}'}</td>"
-        f"<td>{'&le;' if c.kind == 'max' else '&ge;'} {c.threshold}</td><td>{'FLAGGED' if c.flagged else 'ok'}</td><td>{html.escape(c.note)}</td></tr>"
-        for c in result.checks
-    )
-    info = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>" for k, v in result.info.items())
-    verdict = "DRIFT" if result.drift else "no drift"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>llmops drift report {result.batch_id}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em}}
-tr.bad td{{background:#fdd}}tr.ok td:nth-child(4){{color:#070}}</style></head><body>
-<h1>Drift report: {verdict}</h1>
-<p>batch <code>{html.escape(result.batch)}</code> (id {result.batch_id}); model scored: {html.escape(result.model)}</p>
-<table><tr><th>check</th><th>score</th><th>threshold</th><th>verdict</th><th>note</th></tr>{rows}</table>
-<h2>Token lengths</h2><img src="data:image/png;base64,{length_png}">
-<h2>Unigrams</h2><img src="data:image/png;base64,{unigram_png}">
-<h2>Counts and timings</h2><table>{info}</table>
-</body></html>"""
-
-
-# ---- held-out batch and retrain sources -----------------------------------------------------------
 
 
 def export_heldout(params: Params) -> Path:
