@@ -12,7 +12,7 @@ RESULTS = ROOT / "benchmarks" / "results"  # gitignored
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LLMOPS_PROGRESS", "0")
 
-from flows.cli import OFFLINE_ENV  # noqa: E402  (importing the CLI sets these too)
+from llmops.common.env import OFFLINE as OFFLINE_ENV  # noqa: E402  (importing the CLI sets these too)
 
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)

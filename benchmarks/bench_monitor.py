@@ -1,4 +1,4 @@
-"""Drift monitor throughput: wall time and MB/s of `tasks.monitor.run` on a ~10 MB batch, against ingest + tokenize of
+"""Drift monitor throughput: wall time and MB/s of `llmops.monitoring.drift.run` on a ~10 MB batch, against ingest + tokenize of
 the same batch (the least any check of new data must do: read it and tokenize it) measured in the same run.
 
 Set-up, in a temporary directory: a reference project from part of the stdlib (data/dedup written directly,
@@ -29,25 +29,28 @@ from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline envir
 import pyarrow as pa  # noqa: E402
 import yaml  # noqa: E402
 
-from tasks import ingest, monitor, tokenization  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import RECORD_SCHEMA, read_records, write_records  # noqa: E402
+from tasks import ingest, tokenize  # noqa: E402
+from llmops.common.io import RECORD_SCHEMA, read_records, write_records  # noqa: E402
+from llmops.data.sources import stdlib_root  # noqa: E402
+from llmops.data.tokenizer import encode_and_pack  # noqa: E402
+from llmops.monitoring import drift  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
 
 REFERENCE_PACKAGES = ("email", "json", "http", "logging", "importlib", "xml", "urllib", "concurrent")
 
 
 def build_project(root: Path, batch_mb: float) -> tuple[Path, float]:
     """Reference project + batch file; returns (batch path, batch MB)."""
-    stdlib = ingest.stdlib_root()
+    stdlib = stdlib_root()
     files = [p for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts]
     reference = [p for p in files if p.relative_to(stdlib).parts[0] in REFERENCE_PACKAGES]
     rows = [{"id": str(p.relative_to(stdlib)), "text": p.read_text(errors="replace"), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in reference]
-    write_records(root / "data" / "dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["monitor"]["model"] = "models/tiny"
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(root / "params.yaml")
-    tokenization.run(params.tokenize, params.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    params = load_params(root / "params.yaml")  # params.paths.* resolved under root
+    write_records(params.paths.dedup, pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
+    tokenize.run(params.tokenize, params.model, params.paths)
     save_random_model(params, root)
     batch, size = root / "incoming" / "batch.jsonl", 0
     batch.parent.mkdir()
@@ -66,7 +69,7 @@ def save_random_model(params, root: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(params.paths.tokenizer))
     preset = dict(params.pretrain.presets["tiny"])
     config = AutoConfig.for_model(preset.pop("model_type"), vocab_size=len(tokenizer), max_position_embeddings=params.pretrain.seq_len, **preset)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "models" / "tiny")
@@ -77,11 +80,12 @@ def baseline(params, root: Path, batch: Path) -> float:
     """ingest + tokenize (encode and pack with the training tokenizer) of the batch, nothing else."""
     from transformers import AutoTokenizer
 
+    paths = params.paths.model_copy(update={"raw": root / "baseline_raw"})
     started = time.perf_counter()
-    ingest.run(params.ingest.model_copy(update={"source": str(batch)}), root / "baseline_raw")
-    texts = [t for t in read_records(root / "baseline_raw").column("text").to_pylist() if t]
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "tokenizer"))
-    tokenization.encode_and_pack(tokenizer, texts, params.tokenize.batch_docs, "baseline")
+    ingest.run(params.ingest.model_copy(update={"source": str(batch)}), paths)
+    texts = [t for t in read_records(paths.raw).column("text").to_pylist() if t]
+    tokenizer = AutoTokenizer.from_pretrained(str(params.paths.tokenizer))
+    encode_and_pack(tokenizer, texts, params.tokenize.batch_docs, "baseline")
     return time.perf_counter() - started
 
 
@@ -93,14 +97,14 @@ def main() -> None:
         root = Path(tmp)
         batch, mb = build_project(root, args.batch_mb)
         params = load_params(root / "params.yaml")
-        monitor.run(params, str(batch), root=root, track=False)  # warm-up: imports (GX ~6 s), page cache
+        drift.run(params, str(batch), track=False)  # warm-up: imports (GX ~6 s), page cache
         base_s = baseline(params, root, batch)
         timed = {}
         for case in ("first", "later"):
             if case == "first":  # the first batch checked against this model also scores the held-out split
-                shutil.rmtree(root / params.monitor.workdir / "heldout_perplexity")
+                shutil.rmtree(params.paths.root / params.monitor.workdir / "heldout_perplexity")
             started = time.perf_counter()
-            result = monitor.run(params, str(batch), root=root, track=False)
+            result = drift.run(params, str(batch), track=False)
             timed[case] = (time.perf_counter() - started, result)
     out = {
         "batch_mb": mb,
@@ -121,7 +125,7 @@ def main() -> None:
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "monitor.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"| batch | docs | held-out perplexity | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|---|")
+    print("| batch | docs | held-out perplexity | monitor | MB/s | ingest+tokenize | MB/s | monitor / baseline |\n|---|---|---|---|---|---|---|---|")
     for case, label in (("first", "scored (first batch for this model)"), ("later", "reused (later batches)")):
         r = out[case]
         print(f"| {mb:.1f} MB | {out['docs']} | {label} | {r['monitor_s']:.1f} s | {r['monitor_mb_per_s']:.2f} | {base_s:.1f} s | "

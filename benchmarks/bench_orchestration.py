@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import OFFLINE_ENV  # noqa: E402  (importing it sets the offline environment the CLI runs with)
+from llmops.common.env import OFFLINE as OFFLINE_ENV  # noqa: E402  (importing it sets the offline environment the CLI runs with)
 
 os.environ.update(OFFLINE_ENV)
 os.environ["LLMOPS_PROGRESS"] = "0"  # no progress bars in either side's output
@@ -80,7 +80,7 @@ def main() -> None:
             (root / "a").mkdir()
             (root / "b").mkdir()
             plain = make_repo(root / "a", stack.env, tiny_corpus=False)
-            orchestrated = make_repo(root / "b", stack.env, files=("prefect.yaml",), dirs=("tasks", "flows"), tiny_corpus=False)
+            orchestrated = make_repo(root / "b", stack.env, files=("prefect.yaml",), dirs=("tasks", "llmops", "flows"), tiny_corpus=False)
             stack.prefect("work-pool", "create", POOL, "--type", "process", cwd=orchestrated)
             stack.prefect("deploy", "--name", "pipeline", cwd=orchestrated)
             worker = stack.start_worker(orchestrated)

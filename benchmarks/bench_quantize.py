@@ -5,8 +5,9 @@ scheme against the unquantized model, all measured in this run.
    model. Otherwise a temp project: a few stdlib packages as the corpus, the default tokenizer settings (8192-token
    BPE), and the default `tiny` preset pretrained for `--token-budget` tokens (the pretrained model stands in for the
    fine-tuned one; quantize reads whatever `paths.finetune_model` holds). Every other knob is params.yaml's default.
-2. The quantize stage itself (`tasks.quantize.run`, default `quantize` params, evaluate's perplexity settings,
-   HumanEval on `--problems` problems): its table, ratios against the unquantized row of the same run.
+2. The quantize stage itself (`tasks.quantize.run(params.quantize, params.evaluate, params.paths)`, its library in
+   llmops/quantization/; default `quantize` params, evaluate's perplexity settings, HumanEval on `--problems`
+   problems): its table, ratios against the unquantized row of the same run.
 3. Latency again, interleaved: `--rounds` rounds, each measuring every model once in a fresh process, so machine
    load drifts over all models alike; the median per model gives the speed-up column printed last.
 
@@ -30,7 +31,7 @@ from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline envir
 
 import yaml  # noqa: E402
 
-from tasks.common.config import load_params  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
 
 CORPUS_PACKAGES = ("json", "email", "http", "urllib", "importlib", "concurrent", "logging", "xml")
 
@@ -39,23 +40,23 @@ def tiny_project(workdir: Path, token_budget: int, problems: int) -> Path:
     """A temp project holding the default tiny model pretrained on a small stdlib corpus."""
     import pyarrow as pa
 
-    from tasks import tokenization
-    from tasks.common.io import RECORD_SCHEMA, write_records
-    from tasks.ingest import stdlib_root
-    from tasks.stages import run_stage
+    from tasks import tokenize
+    from llmops.common.io import RECORD_SCHEMA, write_records
+    from llmops.data.sources import stdlib_root
+    from llmops.common.runner import run_stage
 
     files = sorted(p for pkg in CORPUS_PACKAGES for p in (stdlib_root() / pkg).rglob("*.py"))
     rows = [{"id": str(p.relative_to(stdlib_root())), "text": p.read_text(errors="replace"), "source": "stdlib", "meta": "{}", "ingest_error": None} for p in files]
-    write_records(workdir / "data/dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"]["finetune_model"] = raw["paths"]["pretrain_model"]
     raw["pretrain"]["token_budget"] = token_budget
     raw["evaluate"]["max_problems"] = problems
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     os.chdir(workdir)
-    params = load_params(Path("params.yaml"))
+    params = load_params(workdir / "params.yaml")  # params.paths.* resolved under workdir
+    write_records(params.paths.dedup, pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     started = time.perf_counter()
-    tokenization.run(params.tokenize, params.model, Path("data/dedup"), Path(params.paths.tokens), Path(params.paths.tokenizer))
+    tokenize.run(params.tokenize, params.model, params.paths)
     run_stage("pretrain", params, track=False)
     print(f"# built {workdir}: {len(files)} stdlib files, tiny preset pretrained on {token_budget:,} tokens "
           f"in {time.perf_counter() - started:.0f} s", flush=True)
@@ -73,7 +74,9 @@ def main() -> None:
     import torch
 
     from tasks import quantize
-    from tasks.quantization import measure
+    from llmops.quantization import measure
+    from llmops.quantization.compress import latency_prompt
+    from llmops.quantization.table import BASELINE
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-quantize-")
     if args.project:
@@ -82,22 +85,22 @@ def main() -> None:
         tiny_project(Path(tmp.name), args.token_budget, args.problems)
     params = load_params(Path("params.yaml"))
     started = time.perf_counter()
-    result = quantize.run(params)
+    result = quantize.run(params.quantize, params.evaluate, params.paths)
     stage_s = time.perf_counter() - started
-    report = Path(params.paths.reports) / "quantize" / quantize.TABLE_FILE
+    report = params.paths.reports / "quantize" / quantize.TABLE_FILE
     print(f"\n## quantize stage ({stage_s:.0f} s wall, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__})\n")
     print(report.read_text())
 
     cfg = params.quantize
-    models = {quantize.BASELINE: Path(params.paths.finetune_model)}
-    models |= {s: Path(params.paths.quantized) / s for s in cfg.schemes if s in result.metrics}
-    prompt = quantize.latency_prompt(Path(params.paths.tokens), cfg)
+    models = {BASELINE: params.paths.finetune_model}
+    models |= {s: params.paths.quantized / s for s in cfg.schemes if s in result.metrics}
+    prompt = latency_prompt(params.paths.tokens, cfg)
     timings: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, path in models.items():
             timings[name].append(measure.measure_in_child(path, prompt, cfg.latency_new_tokens, cfg.latency_repeats).ms_per_token)
-    base = statistics.median(timings[quantize.BASELINE])
+    base = statistics.median(timings[BASELINE])
     print(f"## CPU latency, {args.rounds} interleaved rounds x {cfg.latency_repeats} runs "
           f"({cfg.latency_prompt_tokens}-token prompt, {cfg.latency_new_tokens} new tokens, batch 1)\n")
     print("| model | ms/token (median) | per round | speed-up vs unquantized |\n|---|---|---|---|")

@@ -2,8 +2,8 @@
 
 Baseline: one request at a time, `model.generate` in this process (greedy, the same prompts, the same
 max new tokens), the way a hand-written server without batching answers. Served: the project's real path
-(`tasks.serving.server.serving`: transformers serve --continuous-batching on a private port, the API-key
-proxy on the public one) driven by `tasks.serving.probes.load_test` (AsyncOpenAI, streamed completions)
+(`llmops.serving.server.serving`: transformers serve --continuous-batching on a private port, the API-key
+proxy on the public one) driven by `llmops.serving.probes.load_test` (AsyncOpenAI, streamed completions)
 at 1, 4 and 16 concurrent clients. Every row sends the same `--requests` prompts.
 
 The model: `--model DIR` (e.g. models/finetune), else the `tiny` preset of params.yaml (the CPU default,
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,19 @@ from _setup import RESULTS, ROOT  # noqa: E402  (repo on sys.path, offline envir
 
 import numpy as np  # noqa: E402
 
-from tasks.common.config import load_params  # noqa: E402
-from tasks.serving.probes import LOAD_PROMPTS, summarize  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
+from llmops.serving.probes import LOAD_PROMPTS, summarize  # noqa: E402
 
 
 def tiny_model(out: Path) -> Path:
     """The params.yaml `tiny` preset with random weights and a small BPE (with the code chat template), via save_pretrained."""
     import torch
 
-    from tasks.common.config import TokenizeConfig
-    from tasks.ingest import stdlib_root
-    from tasks.tokenization import train_bpe
-    from tasks.training.instructions import TEMPLATES
-    from tasks.training.model import build_config, build_model
+    from llmops.params.tokenize import TokenizeConfig
+    from llmops.data.sources import stdlib_root
+    from llmops.data.tokenizer import train_bpe
+    from llmops.training.instructions import TEMPLATES
+    from llmops.training.model import build_config, build_model
 
     params = load_params(ROOT / "params.yaml")
     texts = [p.read_text() for p in sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))]
@@ -62,7 +61,7 @@ def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.serving.probes import RequestResult
+    from llmops.serving.probes import RequestResult
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -82,9 +81,9 @@ def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
 
 
 def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: int, workdir: Path) -> list[dict]:
-    from tasks.serving.backends import inspect_model
-    from tasks.serving.probes import load_test
-    from tasks.serving.server import serving
+    from llmops.serving.backends import inspect_model
+    from llmops.serving.probes import load_test
+    from llmops.serving.server import serving
 
     cfg = load_params(ROOT / "params.yaml").serve.model_copy(update={"health_timeout_s": 300, "request_timeout_s": 600})
     key = "bench-" + os.urandom(8).hex()

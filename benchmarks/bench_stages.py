@@ -51,9 +51,10 @@ for _k, _v in {
 
 sys.path.insert(0, str(ROOT))
 
-from tasks import dedup, ingest, tokenization, validate  # noqa: E402
-from tasks.common.config import load_params  # noqa: E402
-from tasks.common.io import read_records, write_records  # noqa: E402
+from tasks import dedup, ingest, tokenize, validate  # noqa: E402
+from llmops.common.io import read_records, write_records  # noqa: E402
+from llmops.data.sources import resolve_sources  # noqa: E402
+from llmops.params.load import load_params  # noqa: E402
 
 
 def timed(fn, repeat: int):
@@ -98,35 +99,39 @@ def main() -> None:
 
     params = load_params(Path(args.params))
     tmp_ctx = tempfile.TemporaryDirectory(prefix="bench-stages-") if not args.workdir else None
-    work = Path(args.workdir or tmp_ctx.name)
-    d = {name: work / name for name in ("raw", "validated", "quarantine", "docs", "dedup", "duplicates", "tokens", "tokenizer")}
+    work = Path(args.workdir or tmp_ctx.name).resolve()
+    # Every output under `work` (Data Docs at reports/validate/data_docs); the root, where a relative ingest.source
+    # is read from, stays the folder holding params.yaml.
+    paths = params.paths.model_copy(
+        update={name: work / name for name in ("raw", "validated", "quarantine", "reports", "dedup", "duplicates", "tokens", "tokenizer")}
+    )
     rows: list[dict] = []
 
     # --- ingest ------------------------------------------------------------------------------
-    sources = ingest.resolve_sources(params.ingest.source, params.ingest.file_glob)
+    sources = resolve_sources(params.ingest.source, params.ingest.file_glob, paths.root)
     files = [p for _, _, p in sources]
     for p in files:  # warm the page cache so neither ours nor bare pays for cold disk reads
         p.read_bytes()
     disk_bytes = sum(p.stat().st_size for p in files)
     bare_s, _ = timed(lambda: [p.read_bytes() for p in files], args.repeat)
-    t, res = timed(lambda: ingest.run(params.ingest, d["raw"]), args.repeat)
+    t, res = timed(lambda: ingest.run(params.ingest, paths), args.repeat)
     rows.append(row("ingest", t, len(files), disk_bytes, "Path.read_bytes loop", bare_s, res.metrics))
 
     # --- validate ----------------------------------------------------------------------------
-    raw = read_records(d["raw"])
+    raw = read_records(paths.raw)
     docs, nbytes = text_stats(raw)
 
     def bare_validate():
-        table = read_records(d["raw"])
+        table = read_records(paths.raw)
         with tempfile.TemporaryDirectory(dir=work) as out:
             write_records(Path(out), table, shard_max_bytes=params.validate_.shard_max_bytes)
 
     bare_s, _ = timed(bare_validate, args.repeat)
-    t, res = timed(lambda: validate.run(params.validate_, d["raw"], d["validated"], d["quarantine"], d["docs"]), args.repeat)
+    t, res = timed(lambda: validate.run(params.validate_, paths), args.repeat)
     rows.append(row("validate", t, docs, nbytes, "Parquet read + write, no checks", bare_s, res.metrics))
 
     # --- dedup -------------------------------------------------------------------------------
-    validated = read_records(d["validated"])
+    validated = read_records(paths.validated)
     docs, nbytes = text_stats(validated)
     texts = validated.column("text").to_pylist()
 
@@ -141,16 +146,16 @@ def main() -> None:
         return kept_positions
 
     bare_s, _ = timed(bare_dedup, args.repeat)
-    t, res = timed(lambda: dedup.run(params.dedup, d["validated"], d["dedup"], d["duplicates"]), args.repeat)
+    t, res = timed(lambda: dedup.run(params.dedup, paths), args.repeat)
     rows.append(row("dedup", t, docs, nbytes, "exact sha256 dedup only (in memory)", bare_s, res.metrics | {"workers": params.dedup.workers}))
 
     # --- tokenize ----------------------------------------------------------------------------
-    kept = read_records(d["dedup"])
+    kept = read_records(paths.dedup)
     docs, nbytes = text_stats(kept)
-    t, res = timed(lambda: tokenization.run(params.tokenize, params.model, d["dedup"], d["tokens"], d["tokenizer"]), args.repeat)
+    t, res = timed(lambda: tokenize.run(params.tokenize, params.model, paths), args.repeat)
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(d["tokenizer"] / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(paths.tokenizer / "tokenizer.json"))
     kept_texts = kept.column("text").to_pylist()
     bare_s, _ = timed(lambda: tok.encode_batch(kept_texts, add_special_tokens=False), args.repeat)
     rows.append(row("tokenize", t, docs, nbytes, "encode_batch with the trained tokenizer", bare_s, res.metrics))

@@ -4,7 +4,7 @@ Both sides train the `pretrain.preset` model of params.yaml (tiny by default) fr
 data/tokens/train.bin with the same seed, batch_size, seq_len, lr schedule and number of optimizer steps,
 on the CPU of this machine:
 
-  ours    the real stage: `tasks.stages.run_stage("pretrain", params, track=True)`, in a temp project dir
+  ours    the real stage: `llmops.common.runner.run_stage("pretrain", params, track=True)`, in a temp project dir
           (data/tokens and models/tokenizer symlinked to the repo's, a params.yaml with only
           pretrain.token_budget changed so the run is --steps optimizer steps) with MLflow tracking to a
           temp sqlite store (MLFLOW_TRACKING_URI), per-step metrics, checkpoints every train.save_every
@@ -174,10 +174,11 @@ def child_ours(shape: dict, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
 
     sys.path.insert(0, str(ROOT))
-    from tasks import stages, tokenization
-    from tasks.common import tracking
-    from tasks.common.config import load_params
-    from tasks.training import runtime
+    from tasks import pretrain
+    from llmops.common import tracking
+    from llmops.common.runner import run_stage
+    from llmops.params.load import load_params
+    from llmops.training import runtime
 
     project = workdir / "project"
     (project / "data").mkdir(parents=True)
@@ -203,8 +204,9 @@ def child_ours(shape: dict, workdir: Path) -> dict:
     timers.wrap(runtime, "save_final", "final save")
     timers.wrap(runtime, "plot_loss_curve", "loss curve")
     timers.wrap(runtime, "cleanup_checkpoints", "checkpoint cleanup")
-    timers.wrap(runtime, "file_digest", "train.bin sha256")
-    timers.wrap(tokenization, "tokenizer_digest", "tokenizer sha256")
+    # The stage module imports its digests by name (`from llmops.common.fingerprints import ...`): wrapped where it looks them up.
+    timers.wrap(pretrain, "file_sha256", "train.bin sha256")
+    timers.wrap(pretrain, "directory_digest", "tokenizer sha256")
     timers.wrap(tracking, "log_result", "mlflow artifacts+metrics")
     timers.wrap_context(tracking, "stage_run", "mlflow run start (params, inputs)", "mlflow run end")
     # The per-step callback: on_log is where the MLflow metrics are queued (log_batch, synchronous=False).
@@ -220,7 +222,7 @@ def child_ours(shape: dict, workdir: Path) -> dict:
 
     loaded = load_params(project / "params.yaml")
     start = time.perf_counter()
-    result = stages.run_stage("pretrain", loaded, track=True, params_file=project / "params.yaml")
+    result = run_stage("pretrain", loaded, track=True, params_file=project / "params.yaml")
     total = time.perf_counter() - start
     metrics = result.metrics
     tokens = int(metrics["steps"]) * shape["batch_size"] * shape["seq_len"]

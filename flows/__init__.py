@@ -1,0 +1,1 @@
+"""The Prefect flows (pipeline, deploy, monitor) and the `llmops` command line."""

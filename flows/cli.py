@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
-# Nothing may phone home, and these must be set before any of the libraries is imported.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "TOKENIZERS_PARALLELISM": "true",
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+from llmops.common import env
+
+env.set_offline()  # before any library is imported: nothing may phone home
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -28,7 +15,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from tasks.common.errors import LlmopsError  # noqa: E402
+from llmops.common.errors import LlmopsError  # noqa: E402
 
 app = typer.Typer(
     help="llmops: data -> training -> evaluation -> serving, versioned by DVC, tracked by MLflow, orchestrated by Prefect.",
@@ -66,8 +53,8 @@ def run(
         result = pipeline(from_stage=from_stage, to_stage=to_stage, overrides=overrides or [], repo_dir=str(repo))
     except LlmopsError as exc:
         _fail(exc)
-    from tasks.common.config import load_params
-    from tasks.common.tracking import tracking_uri
+    from llmops.common.tracking import tracking_uri
+    from llmops.params.load import load_params
 
     params = load_params(repo / "params.yaml")
     ran = [s for s, r in result["stages"].items() if not r["cached"]]
@@ -76,17 +63,18 @@ def run(
     if result["accounting"]:
         a = result["accounting"]
         console.print(f"records: {a['records_in']} in = {a['kept']} kept + {a['quarantined']} quarantined + {a['duplicates']} duplicates")
-    console.print(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, repo)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
-    console.print(f"data: {params.paths.raw}, {params.paths.validated}, {params.paths.quarantine}, {params.paths.dedup}, {params.paths.duplicates}, {params.paths.tokens}, {params.paths.instructions}")
-    console.print(f"models: {params.paths.tokenizer}, {params.paths.pretrain_model}, {params.paths.finetune_model} (LoRA merged), {params.paths.adapter}, {params.paths.quantized}/<scheme> (table: {params.paths.reports}/quantize/table.md)")
-    console.print(f"metrics: `dvc metrics show` ({params.paths.metrics}/*.json); Data Docs: {params.paths.reports}/validate/data_docs/index.html")
+    console.print(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, params.paths.root)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
+    rel = params.paths.as_params()
+    console.print(f"data: {rel['raw']}, {rel['validated']}, {rel['quarantine']}, {rel['dedup']}, {rel['duplicates']}, {rel['tokens']}, {rel['instructions']}")
+    console.print(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
+    console.print(f"metrics: `dvc metrics show` ({rel['metrics']}/*.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
     if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
         console.print(
             f"registry: {registered['model_name']} version {registered['version']} is challenger, gate {registered['decision']}; "
             f"champion is version {registered['champion_after']}  ->  `llmops models`"
         )
     if deploy_after and params.serve.after_run and to_stage is None:
-        _deploy_champion(params, repo, keep_serving)
+        _deploy_champion(params, keep_serving)
     if monitor_after and params.monitor.after_run and to_stage is None:
         console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
         monitor(batch=None, heldout=True, retrain=False, repo=repo)
@@ -100,8 +88,8 @@ def stage(
 ) -> None:
     """Run one stage in-process (this is what dvc.yaml calls); prefer `dvc repro` or `llmops run`."""
     try:
-        from tasks.common.config import load_params
-        from tasks.stages import run_stage
+        from llmops.common.runner import run_stage
+        from llmops.params.load import load_params
 
         result = run_stage(name, load_params(params_file), track=track, params_file=params_file)
     except LlmopsError as exc:
@@ -117,11 +105,11 @@ def ui(
     params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
 ) -> None:
     """Start the MLflow UI on the project's tracking store."""
-    from tasks.common.config import load_params
-    from tasks.common.tracking import tracking_uri
+    from llmops.params.load import load_params
+    from llmops.common.tracking import tracking_uri
 
     params = load_params(params_file)
-    uri = tracking_uri(params.tracking)
+    uri = tracking_uri(params.tracking, params.paths.root)
     console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
 
@@ -134,16 +122,16 @@ def models(
     """List the registered model's versions (and its quantized variants) with aliases, gate metrics and lineage."""
     from rich.table import Table
 
-    from tasks import registry
-    from tasks.common.config import load_params
+    from llmops.registry import store as registry
+    from llmops.params.load import load_params
 
     try:
         params = load_params(params_file)
-        rows = registry.list_versions(name or registry.model_name(params), params)
+        rows = registry.list_versions(name or registry.model_name(params.register), _store(params))
     except LlmopsError as exc:
         _fail(exc)
     if not rows:
-        console.print(f"no registered versions of {name or registry.model_name(params)} yet: `llmops run` registers one")
+        console.print(f"no registered versions of {name or registry.model_name(params.register)} yet: `llmops run` registers one")
         return
     table = Table(*rows[0])
     for row in rows:
@@ -153,18 +141,24 @@ def models(
     out.print(table)
 
 
-def _deploy_champion(params, repo: Path, keep_serving: bool) -> None:
-    """The end of `llmops run`: the deploy flow on the champion, or a note when the gate has not made one yet."""
-    from tasks.registry import alias_version, model_name
+def _store(params):
+    from llmops.registry.store import Store
 
-    name = model_name(params)
-    if alias_version(name, "champion", params) is None:
+    return Store.of(params.tracking, params.paths)
+
+
+def _deploy_champion(params, keep_serving: bool) -> None:
+    """The end of `llmops run`: the deploy flow on the champion, or a note when the gate has not made one yet."""
+    from llmops.registry.store import alias_version, model_name
+
+    name = model_name(params.register)
+    if alias_version(name, "champion", _store(params)) is None:
         console.print(f"deploy: {name} has no champion yet (no version passed the register gate), nothing to serve")
         return
     try:
         from flows.deploy import deploy as deploy_flow
 
-        result = deploy_flow(model=f"{name}@champion", keep_serving=keep_serving, repo_dir=str(repo))
+        result = deploy_flow(model=f"{name}@champion", keep_serving=keep_serving, repo_dir=str(params.paths.root))
     except LlmopsError as exc:
         _fail(exc)
     console.print(result["summary"])
@@ -188,29 +182,28 @@ def serve(
     """Serve a model on an OpenAI-compatible API behind an API key, in the foreground until Ctrl-C."""
     import time
 
-    from tasks.common.config import load_params
-    from tasks.serving.backends import choose_backend, inspect_model
-    from tasks.serving.proxy import API_KEY_ENV
-    from tasks.serving.server import api_key, start
+    from llmops.params.load import load_params
+    from llmops.serving.backends import choose_backend, inspect_model
+    from llmops.serving.server import api_key, start
 
     _stop_servers_on_sigterm()
     try:
-        from tasks.registry import ENDPOINT_TAG, clear_endpoint, model_name, record_endpoint, resolve
+        from llmops.registry.store import ENDPOINT_TAG, clear_endpoint, model_name, record_endpoint, resolve
 
         params = load_params(params_file)
-        cfg = params.serve
-        spec = model or f"{model_name(params)}@production"
-        ref = resolve(spec, params, quantized=quantized)
+        cfg, store = params.serve, _store(params)
+        spec = model or f"{model_name(params.register)}@production"
+        ref = resolve(spec, store, quantized=quantized)
         served = inspect_model(ref.path, ref.name or ref.path.name)
         chosen = choose_backend(cfg.backend if backend == "auto" else backend)
         console.print(f"starting {chosen} for {spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
-        server = start(served, cfg, chosen, api_key(cfg), port=port or cfg.port, log_dir=Path(params.paths.reports) / "serve")
+        server = start(served, cfg, chosen, api_key(cfg, params.paths.root), port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=params.paths.root)
     except LlmopsError as exc:
         _fail(exc)
-    key_from = f"${API_KEY_ENV}" if os.environ.get(API_KEY_ENV) else f"the file {cfg.api_key_file}"
+    key_from = f"${env.API_KEY}" if env.get(env.API_KEY) else f"the file {cfg.api_key_file}"
     try:
         if ref.name:  # a registered version: its lineage shows where it is served while this runs
-            record_endpoint(ref.name, ref.version, server.url, params)
+            record_endpoint(ref.name, ref.version, server.url, store)
         console.print(f"[bold green]serving[/] {served.name} at {server.openai_base_url} (OpenAI API; Authorization: Bearer <key from {key_from}>)")
         console.print(f"logs: {server.log_dir}; Ctrl-C to stop")
         while server.running():
@@ -222,7 +215,7 @@ def serve(
         server.stop()
         if ref.name:
             try:
-                clear_endpoint(ref.name, ref.version, server.url, params)
+                clear_endpoint(ref.name, ref.version, server.url, store)
             except Exception as exc:  # the server is down either way; a stale tag only makes lineage probe a dead URL
                 console.print(f"could not remove the {ENDPOINT_TAG} tag of {ref.name} v{ref.version}: {exc}")
     console.print("stopped")
@@ -263,13 +256,13 @@ def monitor(
         _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
     try:
         from flows.monitor import monitor as monitor_flow
-        from tasks.common.config import load_params
+        from llmops.params.load import load_params
 
         params = load_params(repo / "params.yaml")
         if heldout:
-            from tasks.monitor import export_heldout
+            from llmops.monitoring.drift import export_heldout
 
-            export_heldout(params, repo)
+            export_heldout(params)
             batch = params.monitor.heldout_batch  # relative to the repository, like ingest.source
         result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo))
     except LlmopsError as exc:
@@ -301,10 +294,10 @@ def lineage(
     import json
 
     try:
-        from tasks import lineage as lineage_mod
-        from tasks.common.config import load_params
+        from llmops.registry import lineage as lineage_mod
+        from llmops.params.load import load_params
 
-        chain = lineage_mod.lineage(spec, load_params(params_file))
+        chain = lineage_mod.lineage(spec, _store(load_params(params_file)))
     except LlmopsError as exc:
         _fail(exc)
     if as_json:
@@ -324,10 +317,11 @@ def reproduce(
     from rich.table import Table
 
     try:
-        from tasks import reproduce as reproduce_mod
-        from tasks.common.config import load_params
+        from llmops.registry import reproduce as reproduce_mod
+        from llmops.params.load import load_params
 
-        result = reproduce_mod.reproduce(spec, load_params(repo / "params.yaml"), repo=repo, tolerance=tolerance, keep=keep)
+        params = load_params(repo / "params.yaml")
+        result = reproduce_mod.reproduce(spec, _store(params), params.paths, tolerance=tolerance, keep=keep)
     except LlmopsError as exc:
         _fail(exc)
     table = Table(title=f"reproduce {result['spec']} at {result['commit'][:12]} ({result['params']})")

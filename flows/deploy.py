@@ -15,19 +15,20 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from tasks.common.config import Params, ServeConfig, load_params
-from tasks.common.errors import ServeError
-from tasks.common.tracking import flatten, git_commit, setup
-from tasks.serving.server import Server
+from llmops.params.load import Params, load_params
+from llmops.params.serve import ServeConfig
+from llmops.common.errors import ServeError
+from llmops.common.tracking import flatten, git_commit, setup
+from llmops.serving.server import Server
 
 PRODUCTION = "production"
 CHAMPION = "champion"
 
 
 def default_spec(params: Params) -> str:
-    from tasks.registry import model_name
+    from llmops.registry.store import model_name
 
-    return f"{model_name(params)}@{CHAMPION}"
+    return f"{model_name(params.register)}@{CHAMPION}"
 
 
 def gate_failures(load: dict[str, Any], cfg: ServeConfig) -> list[str]:
@@ -43,7 +44,7 @@ def gate_failures(load: dict[str, Any], cfg: ServeConfig) -> list[str]:
 # NO_CACHE: the server object carries the API key; nothing about it may be hashed or persisted.
 @task(cache_policy=NO_CACHE)
 def smoke(server: Server, cfg: ServeConfig) -> dict[str, float]:
-    from tasks.serving.probes import smoke_test
+    from llmops.serving.probes import smoke_test
 
     result = smoke_test(server.openai_base_url, server.api_key, server.model.name, cfg.smoke_max_tokens, cfg.request_timeout_s)
     get_run_logger().info("smoke test passed: completion %.2f s, chat %.2f s", result["completion_latency_s"], result["chat_latency_s"])
@@ -52,7 +53,7 @@ def smoke(server: Server, cfg: ServeConfig) -> dict[str, float]:
 
 @task(cache_policy=NO_CACHE)
 def load(server: Server, cfg: ServeConfig) -> dict[str, Any]:
-    from tasks.serving.probes import load_test
+    from llmops.serving.probes import load_test
 
     result = load_test(
         server.openai_base_url, server.api_key, server.model.name,
@@ -74,20 +75,20 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
     import mlflow
     from prefect.runtime import flow_run
 
-    from tasks.registry import DEPLOY_RUN_TAG, alias_version, client, record_endpoint, resolve, set_alias
-    from tasks.serving.backends import choose_backend, inspect_model
-    from tasks.serving.server import api_key, start
+    from llmops.registry.store import DEPLOY_RUN_TAG, Store, alias_version, client, record_endpoint, resolve, set_alias
+    from llmops.serving.backends import choose_backend, inspect_model
+    from llmops.serving.server import api_key, start
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
     params = load_params(repo / "params.yaml")
-    cfg = params.serve
+    cfg, store = params.serve, Store.of(params.tracking, params.paths)
     spec = model or default_spec(params)
-    ref = resolve(spec, params, quantized=quantized)
+    ref = resolve(spec, store, quantized=quantized)
     served = inspect_model(ref.path, ref.name or Path(ref.path).name)
     chosen = choose_backend(cfg.backend if backend == "auto" else backend)
     key = api_key(cfg, repo)
-    previous = alias_version(ref.name, PRODUCTION, params) if ref.name else None
+    previous = alias_version(ref.name, PRODUCTION, store) if ref.name else None
     logger.info("deploying %s (%s) with %s; %s is now %s", spec, ref.path, chosen, PRODUCTION, previous or "unset")
 
     experiment_id = setup(params.tracking, repo)
@@ -107,7 +108,7 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
     with mlflow.start_run(experiment_id=experiment_id, run_name="deploy", tags=tags) as run:
         mlflow.log_params(flatten("serve", cfg.model_dump()))
         try:
-            server = start(served, cfg, chosen, key, port=port or cfg.port, log_dir=repo / params.paths.reports / "serve", cwd=repo)
+            server = start(served, cfg, chosen, key, port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=repo)
             mlflow.log_param("backend_command", " ".join(server.command))
             mlflow.log_metric("health_wait_s", server.health_wait_s)
             smoke_result = smoke(server, cfg)
@@ -117,10 +118,10 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
             if reasons := gate_failures(load_result, cfg):
                 raise ServeError(f"{spec}: the load test failed the gate, {PRODUCTION} stays at {previous or 'unset'}: " + "; ".join(reasons))
             if ref.name:
-                set_alias(ref.name, PRODUCTION, ref.version, params)
-                client(params).set_model_version_tag(ref.name, ref.version, DEPLOY_RUN_TAG, run.info.run_id)
+                set_alias(ref.name, PRODUCTION, ref.version, store)
+                client(store).set_model_version_tag(ref.name, ref.version, DEPLOY_RUN_TAG, run.info.run_id)
                 if keep_serving:
-                    record_endpoint(ref.name, ref.version, server.url, params)
+                    record_endpoint(ref.name, ref.version, server.url, store)
                 logger.info("%s: %s -> version %s (was %s)", ref.name, PRODUCTION, ref.version, previous or "unset")
             else:
                 logger.info("%s is a local directory, not a registered version: no alias to move", ref.path)

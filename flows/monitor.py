@@ -1,4 +1,4 @@
-"""The Prefect drift-monitor flow: check a batch (tasks/monitor.py); past a threshold, emit `llmops.drift.detected` and retrain.
+"""The Prefect drift-monitor flow: check a batch (llmops/monitoring/drift.py); past a threshold, emit `llmops.drift.detected` and retrain.
 
 The retrain adds the batch to the training sources (a JSONL copy under `monitor.batches_dir`, versioned
 with `dvc add`, appended to `ingest.source`) and runs the pipeline: the `pipeline/pipeline` deployment
@@ -10,42 +10,28 @@ so the CLI and a scheduled deployment run one code path.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.common.config import load_params
-from tasks.common.errors import StageError
+from llmops.common import env
+from llmops.params.load import load_params
+from llmops.common.errors import StageError
 
 DRIFT_EVENT = "llmops.drift.detected"
 PIPELINE_DEPLOYMENT = "pipeline/pipeline"
 DEPLOY_DEPLOYMENT = "deploy/deploy"
 
 
-@contextmanager
-def in_repo(repo: Path):
-    """Stage code and the registry resolve paths against the working directory: run them in the repository."""
-    previous = Path.cwd()
-    os.chdir(repo)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 @task(task_run_name="check {batch}")
 def check_batch(batch: str, repo: Path) -> Any:
-    from tasks import monitor as drift
+    from llmops.monitoring import drift
 
-    with in_repo(repo):
-        params = load_params(Path("params.yaml"))
-        result = drift.run(params, batch, root=Path("."))
+    result = drift.run(load_params(repo / "params.yaml"), batch)
     rows = [
         {"check": c.name, "score": None if c.score != c.score else round(c.score, 6), "threshold": c.threshold, "flagged": c.flagged, "note": c.note}
         for c in result.checks
@@ -56,7 +42,7 @@ def check_batch(batch: str, repo: Path) -> Any:
 
 def server_deployment(name: str) -> bool:
     """Whether a Prefect server (PREFECT_API_URL) is configured and has deployment `name`."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not env.prefect_api_url():
         return False
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -105,8 +91,7 @@ def roll_out(repo: Path, logger: Any) -> str:
     except ImportError:
         logger.warning("champion changed but no deploy flow here (flows/deploy.py): run `llmops deploy` to serve it")
         return "not deployed: no deploy flow in this checkout"
-    with in_repo(repo):
-        deploy()
+    deploy(repo_dir=str(repo))
     return "local deploy flow"
 
 
@@ -116,18 +101,17 @@ def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool 
     import mlflow
     from prefect.events import emit_event
 
-    from tasks import monitor as drift
-    from tasks import registry
-    from tasks.common.tracking import tracking_uri
+    from llmops.monitoring import drift
+    from llmops.registry import store as registry
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
     result = check_batch(batch, repo)
     logger.info(result.summary)
     out: dict[str, Any] = {"batch_id": result.batch_id, "drift": result.drift, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics}
-    with in_repo(repo):
-        params = load_params(Path("params.yaml"))
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params.tracking, repo))
+    params = load_params(repo / "params.yaml")
+    store = registry.Store.of(params.tracking, params.paths)
+    client = mlflow.MlflowClient(tracking_uri=store.uri)
     if not result.drift:
         return out
     flagged = [c.name for c in result.checks if c.flagged]
@@ -140,16 +124,14 @@ def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool 
         client.set_tag(result.mlflow_run_id, "llmops.retrain", "off")
         logger.info("drift detected (%s); retrain is off, recorded only", ", ".join(flagged))
         return out
-    with in_repo(repo):
-        batch_file, overrides = drift.add_to_sources(params, Path("."), result)
-        name = registry.model_name(params)
-        champion_before = registry.alias_version(name, "champion", params)
-    version_batch(repo, repo / batch_file)
-    client.set_tag(result.mlflow_run_id, "llmops.retrain.source", str(batch_file))
+    batch_file, overrides = drift.add_to_sources(params, result)
+    name = registry.model_name(params.register)
+    champion_before = registry.alias_version(name, "champion", store)
+    version_batch(repo, batch_file)
+    client.set_tag(result.mlflow_run_id, "llmops.retrain.source", params.paths.relative(batch_file))
     outcome = run_retrain(repo, overrides, logger)
-    with in_repo(repo):
-        champion_after = registry.alias_version(name, "champion", load_params(Path("params.yaml")))
-    retrain_run = {**outcome, "batch_file": str(batch_file), "overrides": overrides, "champion_before": champion_before, "champion_after": champion_after}
+    champion_after = registry.alias_version(name, "champion", store)
+    retrain_run = {**outcome, "batch_file": params.paths.relative(batch_file), "overrides": overrides, "champion_before": champion_before, "champion_after": champion_after}
     for key in ("mode", "mlflow_run_id", "flow_run_id"):
         if key in outcome:
             client.set_tag(result.mlflow_run_id, f"llmops.retrain.{key}", outcome[key])

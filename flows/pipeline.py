@@ -3,7 +3,7 @@
 Each stage is a Prefect task that runs `dvc repro --single-item <stage>`, so DVC decides
 whether the stage is up to date and records the new data version in dvc.lock; the flow
 never re-declares the DAG. A killed run resumes from the first stage that is not up to date.
-One run per checkout at a time (flows/repo_lock.py); the MLflow parent run and the Prefect
+One run per checkout at a time (llmops/common/repo_lock.py); the MLflow parent run and the Prefect
 flow run link to each other.
 """
 
@@ -22,12 +22,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.repo_lock import RepoLock, describe, repo_lock
-from tasks.common.accounting import check_accounting, read_stage_metrics
-from tasks.common.config import load_params, write_overrides
-from tasks.common.errors import ConfigError, StageError
-from tasks.common.tracking import PARENT_RUN_ENV, flatten, git_commit, setup, tracking_uri
-from tasks.stages import metrics_filename
+from llmops.common import env
+from llmops.common.accounting import check_accounting, read_stage_metrics
+from llmops.common.errors import ConfigError, StageError
+from llmops.common.repo_lock import RepoLock, describe, repo_lock
+from llmops.common.stages import metrics_file
+from llmops.common.tracking import flatten, git_commit, run_url, setup, tracking_uri
+from llmops.params.load import load_params, write_overrides
 
 OUTPUT_TAIL_LINES = 40
 OUTPUT_CHECK_MS = 200  # how often a silent stage's runner checks that its own output is still read
@@ -131,11 +132,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def stage_env(parent_run_id: str, uri: str) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # so dvc finds this venv's `llmops`
-    return os.environ | {PARENT_RUN_ENV: parent_run_id, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return os.environ | {env.PARENT_RUN: parent_run_id, env.MLFLOW_TRACKING_URI: uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 
 @task(task_run_name="{stage}")
-def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_dir: str) -> dict[str, Any]:
+def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_path: Path) -> dict[str, Any]:
     logger = get_run_logger()
     lock = _held_locks.get(repo)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
@@ -143,8 +144,7 @@ def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_
     if code != 0:
         raise StageError(f"stage '{stage}' failed (dvc exit code {code}). Last output:\n{tail}")
     cached = "didn't change, skipping" in tail
-    metrics_file = repo / metrics_dir / metrics_filename(stage)
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten("", metrics).items()]
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {'up to date (cached)' if cached else 'ran'}")
     logger.info("%s: %s", stage, "up to date, skipped" if cached else "ran")
@@ -157,13 +157,6 @@ def push_outputs(repo: Path) -> None:
     code, tail = _stream([sys.executable, "-m", "dvc", "push"], repo, dict(os.environ))
     if code != 0:
         raise StageError(f"dvc push failed (exit {code}): {tail}")
-
-
-def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The MLflow UI page of a run when the tracking URI is a server (a local store has no UI address)."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def close_runs_left_open(parent_run_id: str, reason: str, include_parent: bool) -> list[str]:
@@ -231,8 +224,8 @@ def _run_locked(
         logger.info("params.yaml overrides applied for this run: %s", ", ".join(overrides))
     params = load_params(params_file)
     stages = select_stages(stage_order(repo), from_stage, to_stage)
-    uri = tracking_uri(params.tracking, repo)
-    experiment_id = setup(params.tracking, repo)
+    uri = tracking_uri(params.tracking, params.paths.root)
+    experiment_id = setup(params.tracking, params.paths.root)
     if abandoned := lock.previous_holder.get("mlflow_run_id"):
         if closed := close_runs_left_open(abandoned, "the pipeline run died holding the checkout; the next run closed it", include_parent=True):
             logger.warning("the previous pipeline run on this checkout (%s) died mid-run: marked its MLflow runs %s KILLED", describe(lock.previous_holder), ", ".join(closed))
@@ -243,7 +236,7 @@ def _run_locked(
         "llmops.overrides": ";".join(overrides),
         "prefect.flow_run_id": flow_run_id,
     }
-    if os.environ.get("PREFECT_API_URL"):  # a real Prefect server, so the flow run has a page to link to
+    if env.prefect_api_url():  # a real Prefect server, so the flow run has a page to link to
         tags["prefect.flow_run_url"] = str(flow_run.ui_url)
         if deployment.name:
             tags["prefect.deployment"] = str(deployment.name)
@@ -252,7 +245,7 @@ def _run_locked(
         run_id = parent.info.run_id
         lock.update(mlflow_run_id=run_id)
         # Linked before any stage runs, so a run that fails or crashes still points at its MLflow record.
-        if url := mlflow_run_url(uri, experiment_id, run_id):
+        if url := run_url(uri, experiment_id, run_id):
             create_link_artifact(link=url, link_text=f"MLflow run {run_id}", key="mlflow-run", description="Where this pipeline run is tracked")
         else:
             create_markdown_artifact(
@@ -260,17 +253,17 @@ def _run_locked(
                 markdown=f"MLflow parent run `{run_id}` in experiment `{params.tracking.experiment}` at `{uri}`",
                 description="Where this pipeline run is tracked",
             )
-        mlflow.log_params(flatten("", params.model_dump(by_alias=True)))
+        mlflow.log_params(flatten("", params.as_params()))
         try:
             for stage in stages:
                 stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
-                results[stage] = stage_task(stage, repo, run_id, uri, params.paths.metrics)
+                results[stage] = stage_task(stage, repo, run_id, uri, metrics_file(stage, params.paths))
                 mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
         except BaseException:
             # A stage stopped mid-run (interrupt, cancel, lost worker) may not have ended its own MLflow run.
             close_runs_left_open(run_id, "the pipeline run stopped while this stage ran", include_parent=False)
             raise
-        accounting = check_accounting(read_stage_metrics(repo / params.paths.metrics))
+        accounting = check_accounting(read_stage_metrics(params.paths))
         if accounting:
             mlflow.log_metrics({f"accounting.{k}": v for k, v in accounting.items()})
         if params.pipeline.push:

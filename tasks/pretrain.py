@@ -1,4 +1,4 @@
-"""Pretrain: a causal LM from a transformers config (Llama-style by default, or a mixture of experts),
+"""pretrain: a causal LM from a transformers config (Llama-style by default, or a mixture of experts),
 trained from scratch on the packed token arrays of `tokenize` with transformers' Trainer.
 
 Reads data/tokens/ and models/tokenizer/; writes models/pretrain/ (HF format: config.json,
@@ -14,35 +14,37 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tasks.common.config import Params
-from tasks.common.errors import DataError
-from tasks.common.io import atomic_dir, atomic_write_json
-from tasks.common.result import StageResult
+from llmops.common.errors import DataError
+from llmops.common.fingerprints import directory_digest, file_sha256
+from llmops.common.io import atomic_dir, atomic_write_json
+from llmops.common.results import StageResult
+from llmops.params.model import ModelConfig
+from llmops.params.paths import PathsConfig
+from llmops.params.pretrain import PretrainConfig
+from llmops.params.train import TrainConfig
 
 
-def run(params: Params) -> StageResult:
-    out = Path(params.paths.pretrain_model)
-    if params.model.base:
+def run(cfg: PretrainConfig, train: TrainConfig, model: ModelConfig, paths: PathsConfig) -> StageResult:
+    out = paths.pretrain_model
+    if model.base:
         # Fine-tuning starts from the given base: nothing to pretrain. The stage still leaves its output,
         # a pointer, so DVC's graph (finetune depends on pretrain) holds either way.
         with atomic_dir(out) as tmp:
-            atomic_write_json(tmp / "base.json", {"base": params.model.base, "note": "model.base is set: pretraining skipped"})
-        return StageResult(metrics={"skipped": True}, summary=f"pretrain: skipped, model.base={params.model.base!r} is the base model")
-    return _pretrain(params, out)
+            atomic_write_json(tmp / "base.json", {"base": model.base, "note": "model.base is set: pretraining skipped"})
+        return StageResult(metrics={"skipped": True}, summary=f"pretrain: skipped, model.base={model.base!r} is the base model")
+    return _pretrain(cfg, train, paths, out)
 
 
-def _pretrain(params: Params, out: Path) -> StageResult:
+def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: Path) -> StageResult:
     from transformers import AutoTokenizer, default_data_collator, set_seed
 
-    from tasks.tokenization import tokenizer_digest
-    from tasks.training import runtime
-    from tasks.training.data import TokenBlocks, load_token_meta
-    from tasks.training.model import build_config, build_model, flops_per_token, parameter_count
+    from llmops.training import runtime
+    from llmops.training.data import TokenBlocks, load_token_meta
+    from llmops.training.model import build_config, build_model, flops_per_token, parameter_count
 
-    cfg, train = params.pretrain, params.train
-    tokens_dir, tokenizer_dir = Path(params.paths.tokens), Path(params.paths.tokenizer)
+    tokens_dir, tokenizer_dir = paths.tokens, paths.tokenizer
     meta = load_token_meta(tokens_dir)
-    if meta.get("tokenizer_sha256") != tokenizer_digest(tokenizer_dir):
+    if meta.get("tokenizer_sha256") != directory_digest(tokenizer_dir, algorithm="sha256"):
         raise DataError(
             f"{tokens_dir}/meta.json: its tokenizer sha256 does not match {tokenizer_dir}; the token arrays were made with "
             "another tokenizer. Re-run the tokenize stage (`dvc repro tokenize`)."
@@ -50,9 +52,9 @@ def _pretrain(params: Params, out: Path) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     set_seed(train.seed)
     config = build_config(cfg, vocab_size=meta["vocab_size"], eos_id=meta["eos_token_id"], pad_id=tokenizer.pad_token_id)
-    model = build_model(config)
-    model.generation_config.eos_token_id = meta["eos_token_id"]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm = build_model(config)
+    lm.generation_config.eos_token_id = meta["eos_token_id"]
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # Blocks are fixed-length and never padded: stack them as they are (the Trainer's default for a
     # tokenizer, DataCollatorWithPadding, costs ~16 ms a batch and adds an all-ones attention mask).
@@ -64,14 +66,14 @@ def _pretrain(params: Params, out: Path) -> StageResult:
     step_tokens = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     optim = runtime.Optim.of(cfg, max_steps=max(1, math.ceil(cfg.token_budget / step_tokens)))
     run_dir = runtime.checkpoint_dir(
-        Path(params.paths.checkpoints), "pretrain", cfg, train, model=config.to_dict(),
-        tokens=meta["tokenizer_sha256"], train_bin=runtime.file_digest(tokens_dir / "train.bin"),
+        paths.checkpoints, "pretrain", cfg, train, model=config.to_dict(),
+        tokens=meta["tokenizer_sha256"], train_bin=file_sha256(tokens_dir / "train.bin"),
     )
-    n_params = parameter_count(model)
-    non_embedding = parameter_count(model, non_embedding=True)
+    n_params = parameter_count(lm)
+    non_embedding = parameter_count(lm, non_embedding=True)
     fpt = flops_per_token(config, non_embedding, cfg.seq_len)
     trainer, fit = runtime.fit(
-        train=train, optim=optim, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
+        train=train, optim=optim, model=lm, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
         collator=default_data_collator, run_dir=run_dir, stage="pretrain", flops_per_token=fpt,
     )
     metrics = {
@@ -95,7 +97,7 @@ def _pretrain(params: Params, out: Path) -> StageResult:
     runtime.save_final(trainer, tokenizer, out, {"training_summary.json": summary_json})
     artifacts: list[Path] = []
     if runtime.is_main_process():
-        curve = runtime.plot_loss_curve(fit.log_history, Path(params.paths.reports) / "pretrain" / "loss_curve.png", f"pretrain ({cfg.preset}, {n_params / 1e6:.1f}M params)")
+        curve = runtime.plot_loss_curve(fit.log_history, paths.reports / "pretrain" / "loss_curve.png", f"pretrain ({cfg.preset}, {n_params / 1e6:.1f}M params)")
         artifacts = [curve, out]
         runtime.cleanup_checkpoints(run_dir)
     summary = (

@@ -9,12 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import OFFLINE_ENV
+from llmops.params.paths import PathsConfig
+
+from llmops.common.env import OFFLINE as OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)
 os.environ["LLMOPS_PROGRESS"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_paths(root: Path, **overrides: str) -> PathsConfig:
+    """params.yaml `paths` (defaults plus `overrides`) resolved against `root`, as the runner hands them to a stage."""
+    return PathsConfig(**overrides).under(root)
+
+
+def store_of(params):
+    """The registry store of loaded params (its tracking URI and download folder under the params' root)."""
+    from llmops.registry.store import Store
+
+    return Store.of(params.tracking, params.paths)
 
 
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.ingest import stdlib_root
+from llmops.data.sources import stdlib_root
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,7 +56,7 @@ def subprocess_env(root: Path) -> dict[str, str]:
     return env
 
 
-def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks",), tiny_corpus: bool = True) -> Path:
+def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: Iterable[str] = ("tasks", "llmops"), tiny_corpus: bool = True) -> Path:
     """A git+DVC repository under `root` holding dvc.yaml, the given project files and dirs, and params.yaml
     (set for the tiny corpus, or the project's own defaults when `tiny_corpus` is False).
 
@@ -103,6 +103,6 @@ def stop_process_tree(proc: subprocess.Popen, timeout_s: float = 20) -> None:
 
     SIGTERM first so servers shut down cleanly, SIGKILL for whatever is left after `timeout_s` (the serving code's own helper).
     """
-    from tasks.serving.server import stop_process_group
+    from llmops.serving.server import stop_process_group
 
     stop_process_group(proc, timeout_s)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import EvaluateConfig
-from tasks.evaluate import sandbox_mode
-from tasks.evaluation.sandbox import UID_BASE, UID_SPAN, Limits, SandboxUnavailable, isolation_problem, run_program
+from llmops.params.evaluate import EvaluateConfig
+from llmops.evaluation.suite import sandbox_mode
+from llmops.evaluation.sandbox import UID_BASE, UID_SPAN, Limits, SandboxUnavailable, isolation_problem, run_program
 
 pytestmark = pytest.mark.eval
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tasks.evaluation.scoring import (
+from llmops.evaluation.scoring import (
     exact_match,
     fuzzy_match,
     humaneval_program,
@@ -66,7 +66,7 @@ def test_humaneval_program_is_prompt_completion_tests_and_check():
 
 
 def test_prompts_keep_their_end_and_fit_the_context_where_they_can():
-    from tasks.evaluation.generation import prompt_budget
+    from llmops.evaluation.generation import prompt_budget
 
     assert prompt_budget(256, 128) == 128
     assert prompt_budget(2048, 128) == 1920

@@ -20,7 +20,7 @@ from .servers import POOL, TERMINAL_STATES, NotReady, Process, Stack, http_json,
 def retrain_repo(stack: Stack, root: Path, edit_params: Callable[[dict], None] | None = None, deployments: bool = True) -> Path:
     """A tiny-corpus checkout run to `tokenize` (the reference statistics the monitor compares with), with (`deployments`)
     its three deployments registered on the stack's Prefect server. `edit_params` changes params.yaml before the commit."""
-    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "flows", "infra"))
+    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "llmops", "flows", "infra"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"].update(max_problems=0, compare_base=False, max_pairs=1)  # the gate needs perplexity only
     params["register"].update(log_transformers_flavor=False)

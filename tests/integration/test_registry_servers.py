@@ -11,12 +11,14 @@ import httpx
 import pytest
 import yaml
 
-from tasks import registry
-from tasks.common.config import load_params
-from tasks.common.tracking import PARENT_RUN_ENV
-from tasks.stages import run_stage
+from llmops.registry import store as registry
+from llmops.params.load import load_params
+from llmops.common.env import PARENT_RUN as PARENT_RUN_ENV
+from llmops.common.runner import run_stage
 
 from ..helpers import MICRO
+
+from ..conftest import store_of
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +61,7 @@ def test_register_on_mlflow_server_resolves_through_the_server_and_sends_the_pre
     assert result["decision"] == "promoted" and result["event"].startswith("sent (")
 
     params = load_params(Path("params.yaml"))
-    ref = registry.resolve(f"{NAME}@champion", params, dest=tmp_path / "download")
+    ref = registry.resolve(f"{NAME}@champion", store_of(params), dest=tmp_path / "download")
     assert ref.version == result["version"] and (ref.path / "model.safetensors").is_file()
     pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
     assert pipe("def add(", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("def add(")

@@ -26,7 +26,7 @@ RUN_TIMEOUT_S = 180
 def repo(stack: Stack, tmp_path_factory) -> Path:
     """A checkout of the project on a tiny corpus, its process pool created and `prefect deploy --all` run from it."""
     root = tmp_path_factory.mktemp("scheduled")
-    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "flows", "infra"))
+    repo = make_repo(root, stack.env, files=("prefect.yaml",), dirs=("tasks", "llmops", "flows", "infra"))
     stack.prefect("work-pool", "create", POOL, "--type", "process", cwd=repo)
     stack.prefect("deploy", "--all", cwd=repo)
     return repo

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tasks.common.config import load_params
-from tasks.common.io import RECORD_SCHEMA, write_records
-from tasks.ingest import stdlib_root
+from llmops.params.load import load_params
+from llmops.common.io import RECORD_SCHEMA, write_records
+from llmops.data.sources import stdlib_root
 
 from ..conftest import write_jsonl
 from ..training.conftest import llmops, micro_params, write_params
@@ -51,7 +51,7 @@ def in_batch(path: Path) -> bool:
 @pytest.fixture(scope="session")
 def monitored(tmp_path_factory) -> Path:
     """data/dedup + tokenize outputs + a micro pretrained model (monitor.model points at it), built once per session."""
-    from tasks import tokenization
+    from tasks import tokenize
 
     root = tmp_path_factory.mktemp("monitored")
     train = [p for p in pool_files() if not in_batch(p)]
@@ -65,7 +65,7 @@ def monitored(tmp_path_factory) -> Path:
         validate={"min_pass_rate": 0.5},
     )
     loaded = load_params(write_params(root, params))
-    tokenization.run(loaded.tokenize, loaded.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    tokenize.run(loaded.tokenize, loaded.model, loaded.paths)
     llmops(root, "stage", "pretrain", "--no-track")
     return root
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import monitor
-from tasks.common.config import load_params
+from llmops.monitoring import drift as monitor
+from llmops.params.load import load_params
 
 from ..conftest import write_jsonl
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.training  # the fixture trains a micro model for the pe
 
 
 def run_monitor(project: Path, batch: Path, track: bool = False) -> monitor.MonitorResult:
-    return monitor.run(load_params(project / "params.yaml"), str(batch), root=project, track=track)
+    return monitor.run(load_params(project / "params.yaml"), str(batch), track=track)
 
 
 def tree_digest(root: Path, skip: tuple[str, ...]) -> dict[str, str]:
@@ -76,7 +76,7 @@ def test_records_that_break_the_data_contract_lower_the_pass_rate_check(project,
 
 def test_the_held_out_split_exported_as_a_batch_is_not_flagged(project):
     params = load_params(project / "params.yaml")
-    batch = monitor.export_heldout(params, project)
+    batch = monitor.export_heldout(params)
     assert batch == project / params.monitor.heldout_batch
     rows = [json.loads(line) for line in batch.read_text().splitlines()]
     assert rows and all(r["id"].startswith("stdlib/") for r in rows)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import monitor
-from tasks.common.config import load_params
+from llmops.monitoring import drift as monitor
+from llmops.params.load import load_params
 
 from ..conftest import write_jsonl
 from ..helpers import BIN, make_repo, sh, subprocess_env
@@ -45,7 +45,7 @@ def retrained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(repo)  # the in-process check resolves the registry against the working directory, as the CLI does
-        checked = monitor.run(load_params(repo / "params.yaml"), "incoming/prose.jsonl", root=repo, track=False)
+        checked = monitor.run(load_params(repo / "params.yaml"), "incoming/prose.jsonl", track=False)
         untouched = lock_outs(repo) == before, sh(BIN / "dvc", "status", "--with-deps", "tokenize", cwd=repo, env=env).stdout
     out = sh(BIN / "llmops", "monitor", "--batch", str(batch.relative_to(repo)), cwd=repo, env=env, timeout=900)
     return {"repo": repo, "env": env, "root": root, "before": before, "checked": checked, "untouched": untouched, "console": " ".join(out.stderr.split())}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.ingest import stdlib_root
+from llmops.data.sources import stdlib_root
 
 from ..helpers import MICRO, ROOT
 
@@ -29,10 +29,11 @@ def build_micro_model(out: Path) -> Path:
     """save_pretrained of a random micro Llama and its tokenizer: config.json, model.safetensors, tokenizer files."""
     import torch
 
-    from tasks.common.config import PretrainConfig, TokenizeConfig
-    from tasks.tokenization import train_bpe
-    from tasks.training.instructions import TEMPLATES
-    from tasks.training.model import build_config, build_model
+    from llmops.params.pretrain import PretrainConfig
+    from llmops.params.tokenize import TokenizeConfig
+    from llmops.data.tokenizer import train_bpe
+    from llmops.training.instructions import TEMPLATES
+    from llmops.training.model import build_config, build_model
 
     texts = [p.read_text() for p in sorted((stdlib_root() / "json").glob("*.py"))]
     tokenizer = train_bpe(texts, TokenizeConfig(vocab_size=300))

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import gate_failures
-from tasks.common.config import ServeConfig
-from tasks.common.errors import ConfigError, ServeError
-from tasks.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
-from tasks.serving.server import api_key
+from llmops.params.serve import ServeConfig
+from llmops.common.errors import ConfigError, ServeError
+from llmops.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
+from llmops.serving.server import api_key
+
+from ..helpers import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -121,7 +123,10 @@ def test_gate_fails_on_errors_or_slow_p95():
 
 
 def test_vllm_is_found_in_its_own_venv_and_its_absence_is_explained(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    from llmops.serving import backends
+
+    assert backends.VLLM_VENV == ROOT / ".venv-vllm"  # where `make vllm` puts it: beside .venv, whatever the working directory
+    monkeypatch.setattr(backends, "VLLM_VENV", tmp_path / ".venv-vllm")
     monkeypatch.delenv("LLMOPS_VLLM_BIN", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert vllm_executable() is None and choose_backend("auto") == "transformers"

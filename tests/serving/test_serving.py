@@ -12,14 +12,16 @@ import httpx
 import psutil
 import pytest
 
-from tasks.common.config import load_params
-from tasks.common.errors import ServeError
-from tasks.serving.backends import inspect_model
-from tasks.serving.probes import load_test, smoke_test
-from tasks.serving.server import Server, serving, start
+from llmops.params.load import load_params
+from llmops.common.errors import ServeError
+from llmops.serving.backends import inspect_model
+from llmops.serving.probes import load_test, smoke_test
+from llmops.serving.server import Server, serving, start
 
 from ..helpers import BIN
 from .conftest import API_KEY, write_project
+
+from ..conftest import store_of
 
 pytestmark = pytest.mark.integration
 
@@ -119,12 +121,12 @@ def test_health_timeout_stops_the_server_and_says_why(project, micro_model):
 def _register(project: Path, model_dir: Path) -> str:
     import mlflow
 
-    from tasks.common.tracking import setup
-    from tasks.registry import log_version
+    from llmops.common.tracking import setup
+    from llmops.registry.store import log_version
 
     params = load_params(project / "params.yaml")
     with mlflow.start_run(experiment_id=setup(params.tracking, project), run_name="register-test"):
-        return str(log_version(params.register.model_name, model_dir, params, tags={"llmops.test": "1"}, flavor=False).version)
+        return str(log_version(params.register.model_name, model_dir, store_of(params), tags={"llmops.test": "1"}, flavor=False).version)
 
 
 def lineage(project: Path, spec: str) -> dict:
@@ -143,18 +145,18 @@ def llmops_deploy(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model):
     import mlflow
 
-    from tasks.registry import alias_version, set_alias
+    from llmops.registry.store import alias_version, set_alias
 
     params = load_params(project / "params.yaml")
     name = params.register.model_name
     version = _register(project, micro_model)
-    set_alias(name, "champion", version, params)
+    set_alias(name, "champion", version, store_of(params))
 
     out = llmops_deploy(project)
 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"production -> {name} v{version}" in out.stderr
-    assert alias_version(name, "production", params) == version
+    assert alias_version(name, "production", store_of(params)) == version
     (run,) = mlflow.search_runs(experiment_names=[params.tracking.experiment], filter_string=f"tags.`llmops.model_version` = '{version}'", output_format="list")
     assert run.info.status == "FINISHED"
     assert run.data.tags["llmops.model_name"] == name and run.data.tags["llmops.model_version"] == version
@@ -174,12 +176,12 @@ def test_deploy_flow_serves_tests_and_promotes_the_champion(project, micro_model
 def test_failed_health_check_leaves_production_untouched(project, micro_model):
     import mlflow
 
-    from tasks.registry import alias_version, set_alias
+    from llmops.registry.store import alias_version, set_alias
 
     params = load_params(project / "params.yaml")
     name = params.register.model_name
     good = _register(project, micro_model)
-    set_alias(name, "production", good, params)
+    set_alias(name, "production", good, store_of(params))
     broken = project / "broken-model"
     shutil.copytree(micro_model, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # the backend process dies loading it
@@ -189,7 +191,7 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
 
     assert out.returncode == 1 and "backend process exited" in out.stderr, out.stderr[-5000:]
 
-    assert alias_version(name, "production", params) == good
+    assert alias_version(name, "production", store_of(params)) == good
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], filter_string=f"tags.`llmops.model_version` = '{bad}'", output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "backend process exited" in runs[0].data.tags["llmops.deploy.failure"]
@@ -199,7 +201,7 @@ def test_failed_health_check_leaves_production_untouched(project, micro_model):
 def test_llmops_serve_of_a_registered_version_shows_in_its_lineage_while_it_serves(project, micro_model):
     import signal
 
-    from tasks.serving.server import free_port
+    from llmops.serving.server import free_port
 
     name = load_params(project / "params.yaml").register.model_name
     version = _register(project, shutil.copytree(micro_model, project / "lineage-model"))
@@ -225,7 +227,7 @@ def test_llmops_serve_of_a_registered_version_shows_in_its_lineage_while_it_serv
 def test_llmops_serve_runs_until_sigterm_and_leaves_no_process(project, micro_model):
     import signal
 
-    from tasks.serving.server import free_port
+    from llmops.serving.server import free_port
 
     model_dir = shutil.copytree(micro_model, project / "cli-model")
     port = free_port()

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from tasks.common.config import TokenizeConfig, load_params
-from tasks.common.io import RECORD_SCHEMA, write_records
-from tasks.ingest import stdlib_root
+from llmops.params.load import load_params
+from llmops.params.tokenize import TokenizeConfig
+from llmops.common.io import RECORD_SCHEMA, write_records
+from llmops.data.sources import stdlib_root
 
 from ..helpers import BIN, MICRO
 
@@ -50,7 +51,7 @@ def write_params(project: Path, params: dict) -> Path:
 @pytest.fixture(scope="session")
 def tokenized(tmp_path_factory) -> Path:
     """data/dedup (stdlib json + email modules) and its tokenize outputs, built once per session."""
-    from tasks import tokenization
+    from tasks import tokenize
 
     root = tmp_path_factory.mktemp("tokenized")
     files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:12]
@@ -58,7 +59,7 @@ def tokenized(tmp_path_factory) -> Path:
     write_records(root / "data" / "dedup", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=16_000_000)
     params = load_params(write_params(root, micro_params()))
     cfg = TokenizeConfig(vocab_size=300, val_fraction=0.1)
-    tokenization.run(cfg, params.model, root / "data" / "dedup", root / "data" / "tokens", root / "models" / "tokenizer")
+    tokenize.run(cfg, params.model, params.paths)
     return root
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import load_params
-from tasks.stages import run_stage
+from llmops.params.load import load_params
+from llmops.common.runner import run_stage
 
 from .conftest import micro_params, write_params
 
@@ -42,8 +42,8 @@ def finetuned(tokenized, tmp_path_factory) -> Path:
 def test_trained_model_has_lower_held_out_perplexity_than_an_untrained_one(finetuned, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    from tasks.evaluation.generation import perplexity
-    from tasks.training.data import TokenBlocks, load_token_meta
+    from llmops.evaluation.generation import perplexity
+    from llmops.training.data import TokenBlocks, load_token_meta
 
     monkeypatch.chdir(finetuned)
     meta = load_token_meta(Path("data/tokens"))

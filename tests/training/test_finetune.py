@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import load_params
-from tasks.stages import run_stage
-from tasks.training.instructions import CHAT_TEMPLATE, CODE_TEMPLATE, docstring_pairs, read_jsonl_pairs
+from llmops.params.load import load_params
+from llmops.common.runner import run_stage
+from llmops.training.instructions import CHAT_TEMPLATE, CODE_TEMPLATE, docstring_pairs, read_jsonl_pairs
 
 from ..conftest import write_jsonl
 from .conftest import llmops, micro_params, write_params

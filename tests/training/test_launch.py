@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import TrainConfig
-from tasks.common.errors import ConfigError
-from tasks.training.launch import launch_command
+from llmops.params.train import TrainConfig
+from llmops.common.errors import ConfigError
+from llmops.common.launch import launch_command
 
 from ..conftest import ROOT
 
@@ -44,19 +44,20 @@ def test_every_config_in_infra_is_covered():
 
 
 def test_launch_commands(monkeypatch):
-    torchrun = launch_command(TrainConfig(launcher="torchrun", nproc_per_node=4), "pretrain", Path("params.yaml"))
+    torchrun = launch_command(TrainConfig(launcher="torchrun", nproc_per_node=4), "pretrain", Path("params.yaml"), ROOT)
     assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=4" in torchrun and "--standalone" in torchrun
     assert torchrun[-6:] == ["-m", "flows.cli", "stage", "pretrain", "--params", "params.yaml"]
 
     with pytest.raises(ConfigError, match="LLMOPS_RDZV_ENDPOINT"):
-        launch_command(TrainConfig(launcher="torchrun", nnodes=2), "pretrain", Path("params.yaml"))
+        launch_command(TrainConfig(launcher="torchrun", nnodes=2), "pretrain", Path("params.yaml"), ROOT)
     monkeypatch.setenv("LLMOPS_RDZV_ENDPOINT", "10.0.0.1:29400")
-    multi = launch_command(TrainConfig(launcher="torchrun", nnodes=2, nproc_per_node=8), "finetune", Path("p.yaml"))
+    multi = launch_command(TrainConfig(launcher="torchrun", nnodes=2, nproc_per_node=8), "finetune", Path("p.yaml"), ROOT)
     assert "--rdzv-endpoint=10.0.0.1:29400" in multi and "--nnodes=2" in multi and "--standalone" not in multi
 
-    acc = launch_command(TrainConfig(launcher="accelerate", nproc_per_node=8, nnodes=2, accelerate_config=str(ROOT / "infra/accelerate/fsdp.yaml")), "pretrain", Path("params.yaml"))
+    acc = launch_command(TrainConfig(launcher="accelerate", nproc_per_node=8, nnodes=2, accelerate_config="infra/accelerate/fsdp.yaml"), "pretrain", Path("params.yaml"), ROOT)
     assert acc[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--num_processes=16" in acc and "--num_machines=2" in acc
+    assert acc[acc.index("--config_file") + 1] == str(ROOT / "infra/accelerate/fsdp.yaml")  # relative to the repository root
     with pytest.raises(ConfigError, match="not found"):
-        launch_command(TrainConfig(launcher="accelerate", accelerate_config="nope.yaml"), "pretrain", Path("params.yaml"))
+        launch_command(TrainConfig(launcher="accelerate", accelerate_config="nope.yaml"), "pretrain", Path("params.yaml"), ROOT)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import load_params
-from tasks.common.errors import ConfigError, DataError
-from tasks.stages import run_stage
-from tasks.training.runtime import COMPLETE_MARKER, last_complete_checkpoint
+from llmops.params.load import load_params
+from llmops.common.errors import ConfigError, DataError
+from llmops.common.runner import run_stage
+from llmops.training.runtime import COMPLETE_MARKER, last_complete_checkpoint
 
 from ..conftest import ROOT
 from .conftest import BIN, llmops, micro_params, write_params

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common.config import load_params
-from tasks.common.errors import ConfigError, StageError
-from tasks.stages import run_stage
+from llmops.params.load import load_params
+from llmops.common.errors import ConfigError, StageError
+from llmops.common.runner import run_stage
 
 from .conftest import micro_params, write_params
 
@@ -159,7 +159,7 @@ def test_unknown_scheme_is_a_config_error_naming_the_key_and_the_allowed_values(
 def test_w4a16_group_size_auto_picks_64_for_the_default_tiny_preset_and_rejects_128(tmp_path):
     from transformers import AutoConfig
 
-    from tasks.quantization import recipes
+    from llmops.quantization import recipes
 
     preset = dict(load_params(Path(__file__).resolve().parents[2] / "params.yaml").pretrain.presets["tiny"])
     AutoConfig.for_model(preset.pop("model_type"), vocab_size=512, **preset).save_pretrained(tmp_path)
@@ -182,7 +182,7 @@ def test_a_group_size_that_does_not_divide_the_layers_fails_before_any_output(qu
 
 
 def test_a_failure_midway_leaves_the_previous_outputs_untouched_and_no_temp_dirs(quantized, tmp_path, monkeypatch):
-    from tasks.quantization import measure
+    from llmops.quantization import measure
 
     project, _ = quantized
     copy = tmp_path / "proj"

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import registry
-from tasks.common.config import load_params
-from tasks.common.errors import RegistryError
-from tasks.common.tracking import PARENT_RUN_ENV
-from tasks.stages import run_stage
+from llmops.registry import store as registry
+from llmops.params.load import load_params
+from llmops.common.errors import RegistryError
+from llmops.common.env import PARENT_RUN as PARENT_RUN_ENV
+from llmops.common.runner import run_stage
 
 from ..helpers import MICRO, free_port
+from ..conftest import store_of
 from .conftest import micro_params, write_params
 
 pytestmark = pytest.mark.training
@@ -76,10 +77,10 @@ def new_model(project: Path, seed: int, perplexity: float, pass_at_1: float) -> 
 def test_first_version_becomes_champion_with_lineage_tags(proj):
     import mlflow
 
-    from tasks.common import tracking
+    from llmops.common import tracking
 
     params = load_params(proj / "params.yaml")
-    experiment_id = tracking.setup(params.tracking)
+    experiment_id = tracking.setup(params.tracking, params.paths.root)
     client = mlflow.MlflowClient()
     parent = client.create_run(experiment_id, tags={"prefect.flow_run_id": "flow-run-123"}, run_name="pipeline").info.run_id
     evaluate_run = client.create_run(experiment_id, tags={"llmops.stage": "evaluate"}, run_name="evaluate").info.run_id
@@ -122,7 +123,7 @@ def test_better_challenger_is_promoted(proj):
     assert result["champion_before"]["source"].startswith("version tags")
     assert result["checks"] == {"pass_at_1": True, "perplexity": True}
     params = load_params(proj / "params.yaml")
-    assert registry.alias_version(NAME, "champion", params) == "2"
+    assert registry.alias_version(NAME, "champion", store_of(params)) == "2"
 
 
 def test_worse_challenger_is_refused_and_the_champion_stays(proj):
@@ -134,8 +135,8 @@ def test_worse_challenger_is_refused_and_the_champion_stays(proj):
     assert result["decision"] == "refused" and result["promoted"] is False
     assert result["checks"] == {"pass_at_1": False, "perplexity": True}
     assert any("pass@1 0.1000 vs champion 0.2500" in r and "FAIL" in r for r in result["reasons"])
-    assert registry.alias_version(NAME, "champion", params) == "1"
-    assert registry.alias_version(NAME, "challenger", params) == "2"
+    assert registry.alias_version(NAME, "champion", store_of(params)) == "1"
+    assert registry.alias_version(NAME, "challenger", store_of(params)) == "2"
     assert "refused" in (proj / "metrics" / "register.json").read_text()
 
 
@@ -146,11 +147,11 @@ def test_rerun_with_the_same_model_adds_no_version(proj):
     assert again["version"] == "1" and again["reused_version"] is True
     assert again["decision"] == "kept (already champion)"
     params = load_params(proj / "params.yaml")
-    assert [str(v.version) for v in registry.client(params).search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert [str(v.version) for v in registry.client(store_of(params)).search_model_versions(f"name = '{NAME}'")] == ["1"]
 
 
 def test_champion_on_other_eval_data_is_rescored_on_the_current_data(proj):
-    from tasks import evaluate
+    from llmops.evaluation.suite import held_out_perplexity
 
     write_eval(proj, perplexity=1.0, pass_at_1=0.0)  # an impossible perplexity, on "old" eval data
     register(proj)
@@ -160,12 +161,12 @@ def test_champion_on_other_eval_data_is_rescored_on_the_current_data(proj):
     result = register(proj, evaluate={"eval_tokens": 256})  # other eval data: the fingerprint changes
 
     params = load_params(proj / "params.yaml")
-    expected = evaluate.held_out_perplexity(champion_dir, params, "test")["perplexity"]
+    expected = held_out_perplexity(champion_dir, params.paths.tokens, params.evaluate, "test")["perplexity"]
     assert result["champion_before"]["source"] == "re-scored now on the current eval data"
     assert result["champion_before"]["metrics"]["perplexity"] == pytest.approx(expected)
     assert 100 < expected < 1000  # an untrained model over a 300-token vocabulary: not the 1.0 its tags claim
     assert result["decision"] == "refused"  # 5000 > the re-scored perplexity * 1.05
-    tags = registry.client(params).get_model_version(NAME, "1").tags
+    tags = registry.client(store_of(params)).get_model_version(NAME, "1").tags
     assert json.loads(tags[f"llmops.eval.{result['eval_data']}"])["perplexity"] == pytest.approx(expected)
 
 
@@ -181,13 +182,13 @@ def test_champion_loads_as_a_transformers_pipeline_and_as_a_local_hf_directory(p
     out = pipe("def add(a, b):", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("def add(a, b):") and len(out[0]["generated_text"]) > len("def add(a, b):")
 
-    ref = registry.resolve(f"{NAME}@champion", params)
+    ref = registry.resolve(f"{NAME}@champion", store_of(params))
     assert ref.path == Path(params.paths.registry) / NAME / "1" and ref.version == "1" and ref.tags["llmops.metric.perplexity"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in ref.path.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(ref.path)
     assert model.config.hidden_size == MICRO["hidden_size"]
     stamp = (ref.path / "model.safetensors").stat().st_mtime_ns
-    assert registry.resolve(f"models:/{NAME}@1", params).path == ref.path
+    assert registry.resolve(f"models:/{NAME}@1", store_of(params)).path == ref.path
     assert (ref.path / "model.safetensors").stat().st_mtime_ns == stamp  # the complete download is reused
 
 
@@ -201,13 +202,13 @@ def test_quantized_variants_are_linked_versions(proj):
     result = register(proj)
     assert result["quantized"] == {"w8a8": {"name": f"{NAME}-w8a8", "version": "1"}}
     params = load_params(proj / "params.yaml")
-    ref = registry.resolve(f"{NAME}@champion", params, quantized="w8a8")
+    ref = registry.resolve(f"{NAME}@champion", store_of(params), quantized="w8a8")
     assert ref.name == f"{NAME}-w8a8" and ref.tags["llmops.base_version"] == "1"
     assert float(ref.tags["llmops.metric.quantize.size_ratio"]) == 0.5
     assert (ref.path / "config.json").read_text() == (quantized / "config.json").read_text()
     with pytest.raises(RegistryError, match="no registered w4a16 variant"):
-        registry.resolve(f"{NAME}@champion", params, quantized="w4a16")
-    listed = {(row["name"], row["version"]): row for row in registry.list_versions(NAME, params)}
+        registry.resolve(f"{NAME}@champion", store_of(params), quantized="w4a16")
+    listed = {(row["name"], row["version"]): row for row in registry.list_versions(NAME, store_of(params))}
     assert set(listed) == {(NAME, "1"), (f"{NAME}-w8a8", "1")}
     assert listed[(f"{NAME}-w8a8", "1")]["aliases"] == "challenger,champion" and listed[(f"{NAME}-w8a8", "1")]["base_version"] == "1"
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from tasks.common.config import Params, apply_overrides, load_params, parse_override, parse_params, write_overrides
-from tasks.common.errors import ConfigError
+from llmops.params.load import Params, apply_overrides, load_params, parse_override, parse_params, write_overrides
+from llmops.common.errors import ConfigError
 
 from ..conftest import ROOT
 
@@ -67,3 +67,29 @@ def test_write_overrides_refuses_an_invalid_value_and_leaves_the_file_alone(tmp_
     with pytest.raises(ConfigError, match="dedup.threshold"):
         write_overrides(path, ["dedup.threshold=7"])
     assert path.read_text() == original
+
+
+def test_paths_resolve_from_the_folder_holding_params_yaml_not_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("paths:\n  raw: data/raw\n  metrics: /abs/metrics\n")
+    monkeypatch.chdir("/")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.paths.root == tmp_path.resolve()
+    assert params.paths.raw == tmp_path.resolve() / "data/raw" and params.paths.tokens == tmp_path.resolve() / "data/tokens"
+    assert str(params.paths.metrics) == "/abs/metrics"  # an absolute path stays as it is
+    logged = params.as_params()["paths"]
+    assert logged["raw"] == "data/raw" and logged["metrics"] == "/abs/metrics"  # what MLflow and DVC see
+
+
+def test_pretrain_and_finetune_share_one_optimiser_section_with_their_own_defaults():
+    from llmops.params.finetune import FinetuneConfig
+    from llmops.params.pretrain import PretrainConfig
+    from llmops.params.train import OptimSection
+    from llmops.training.runtime import Optim
+
+    for section in (PretrainConfig(lr=0.01, grad_accum=3), FinetuneConfig(lr=0.01, grad_accum=3)):
+        assert isinstance(section, OptimSection)
+        optim = Optim.of(section, max_steps=7)
+        assert (optim.lr, optim.grad_accum, optim.max_steps) == (0.01, 3, 7)
+        assert {k: getattr(optim, k) for k in OptimSection.model_fields} == section.model_dump(include=set(OptimSection.model_fields))
+    assert (PretrainConfig().batch_size, FinetuneConfig().batch_size) == (16, 8)
+    assert (PretrainConfig().weight_decay, FinetuneConfig().weight_decay) == (0.1, 0.0)

@@ -3,11 +3,12 @@ import random
 import pyarrow as pa
 import pytest
 
+from llmops.data import minhash
 from tasks import dedup
-from tasks.common.config import DedupConfig
-from tasks.common.io import RECORD_SCHEMA, read_records, write_records
+from llmops.params.dedup import DedupConfig
+from llmops.common.io import RECORD_SCHEMA, read_records, write_records
 
-from ..conftest import perturb, random_document
+from ..conftest import perturb, project_paths, random_document
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +29,7 @@ def planted_corpus(vocabulary):
 @pytest.mark.parametrize("engine", ["rensa", "datasketch"])
 def test_planted_near_duplicates_are_found_with_high_recall_and_precision(planted_corpus, engine):
     texts, planted = planted_corpus
-    removed = dedup.find_duplicates(DedupConfig(engine=engine, workers=1), texts)
+    removed = minhash.find_duplicates(DedupConfig(engine=engine, workers=1), texts)
     found = {i for i, (_, kind, _) in removed.items() if kind == "near"}
     recall = len(found & set(planted)) / len(planted)
     precision = len(found & set(planted)) / len(found)
@@ -42,25 +43,25 @@ def test_planted_near_duplicates_are_found_with_high_recall_and_precision(plante
 
 def test_signatures_from_two_worker_processes_match_one_process(planted_corpus):
     texts, _ = planted_corpus
-    one = dedup.find_duplicates(DedupConfig(workers=1), texts)
-    two = dedup.find_duplicates(DedupConfig(workers=2), texts)
+    one = minhash.find_duplicates(DedupConfig(workers=1), texts)
+    two = minhash.find_duplicates(DedupConfig(workers=2), texts)
     assert one == two
 
 
 def test_exact_duplicates_ignore_trailing_whitespace_and_blank_edges():
     texts = ["def f():\n    return 1\n", "\n\ndef f():   \n    return 1", "def g():\n    return 2\n"]
-    removed = dedup.find_duplicates(DedupConfig(workers=1), texts)
+    removed = minhash.find_duplicates(DedupConfig(workers=1), texts)
     assert removed == {1: (0, "exact", 1.0)}
 
 
 def test_short_and_distinct_documents_are_all_kept():
     texts = ["a", "b c", "x = 1", "import os"]
-    assert dedup.find_duplicates(DedupConfig(workers=1), texts) == {}
+    assert minhash.find_duplicates(DedupConfig(workers=1), texts) == {}
 
 
 def test_lsh_bands_divide_the_permutations():
     for threshold in (0.5, 0.7, 0.9):
-        bands = dedup.lsh_bands(threshold, 128)
+        bands = minhash.lsh_bands(threshold, 128)
         assert 128 % bands == 0 and 1 < bands < 128
 
 
@@ -70,7 +71,7 @@ def test_stage_writes_kept_records_and_a_report_naming_the_kept_record(tmp_path,
     ids = [f"doc{i}" for i in range(len(texts))]
     table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
     write_records(tmp_path / "validated", table, shard_max_bytes=50_000)
-    result = dedup.run(DedupConfig(workers=1, shard_max_bytes=50_000), tmp_path / "validated", tmp_path / "dedup", tmp_path / "dups")
+    result = dedup.run(DedupConfig(workers=1, shard_max_bytes=50_000), project_paths(tmp_path, validated="validated", dedup="dedup", duplicates="dups"))
     report = read_records(tmp_path / "dups").to_pylist()
     by_id = {r["id"]: r for r in report}
     assert by_id[ids[-1]]["duplicate_of"] == "doc0" and by_id[ids[-1]]["kind"] == "exact"

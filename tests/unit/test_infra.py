@@ -119,7 +119,7 @@ def test_compose_default_profile_is_the_cpu_stack_and_gpu_adds_vllm_behind_the_p
     assert "ports" not in vllm, "vLLM must not be published: clients go through the key-checking gateway"
     assert "--quantization" not in vllm["command"] and "--trust-remote-code" not in vllm["command"]
     gateway = compose["services"]["gateway"]
-    assert gateway["command"][:3] == ["python", "-m", "tasks.serving.proxy"] and (ROOT / "tasks/serving/proxy.py").is_file()
+    assert gateway["command"][:3] == ["python", "-m", "llmops.serving.proxy"] and (ROOT / "llmops/serving/proxy.py").is_file()
     mlflow = compose["services"]["mlflow"]["command"]
     assert mlflow[mlflow.index("--backend-store-uri") + 1].startswith("postgresql+psycopg://")
     assert mlflow[mlflow.index("--artifacts-destination") + 1].startswith("s3://")

@@ -1,30 +1,32 @@
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from llmops.data import sources
 from tasks import ingest
-from tasks.common.config import IngestConfig
-from tasks.common.errors import DataError
-from tasks.common.io import read_records
+from llmops.params.ingest import IngestConfig
+from llmops.common.errors import DataError
+from llmops.common.io import read_records
 
-from ..conftest import write_jsonl
+from ..conftest import project_paths, write_jsonl
 
 pytestmark = pytest.mark.unit
 
 
 def ingest_dir(tmp_path, **cfg):
     out = tmp_path / "raw"
-    result = ingest.run(IngestConfig(**cfg), out)
+    result = ingest.run(IngestConfig(**cfg), project_paths(tmp_path, raw="raw"))
     table = read_records(out)
     return result, {r["id"]: r for r in table.to_pylist()}, out
 
 
 def test_default_source_is_the_stdlib_python_files_without_site_packages():
-    sources = ingest.resolve_sources("", "**/*.py")
-    assert len(sources) > 1000
-    assert all(label == "stdlib" and "site-packages" not in path.parts for label, _, path in sources)
-    assert any(path.name == "json" or path.parent.name == "json" for _, _, path in sources)
+    found = sources.resolve_sources("", "**/*.py", Path("/nonexistent"))
+    assert len(found) > 1000
+    assert all(label == "stdlib" and "site-packages" not in path.parts for label, _, path in found)
+    assert any(path.name == "json" or path.parent.name == "json" for _, _, path in found)
 
 
 def test_jsonl_malformed_lines_become_flagged_records_not_silent_drops(tmp_path):
@@ -60,7 +62,7 @@ def test_python_files_are_decoded_with_their_declared_encoding(tmp_path):
 def test_empty_source_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="matched no files"):
-        ingest.run(IngestConfig(source=str(tmp_path / "empty")), tmp_path / "raw")
+        ingest.run(IngestConfig(source=str(tmp_path / "empty")), project_paths(tmp_path))
     assert not (tmp_path / "raw").exists()
 
 
@@ -68,7 +70,7 @@ def test_source_with_only_blank_lines_is_a_clear_error(tmp_path):
     src = tmp_path / "blank.jsonl"
     src.write_text("\n\n")
     with pytest.raises(DataError, match="no records"):
-        ingest.run(IngestConfig(source=str(src)), tmp_path / "raw")
+        ingest.run(IngestConfig(source=str(src)), project_paths(tmp_path))
 
 
 def test_oversized_files_are_skipped_and_listed_with_the_reason(tmp_path):
@@ -96,7 +98,7 @@ def test_parquet_source_without_the_text_column_names_the_columns(tmp_path):
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"no column 'text' \(columns: body\)"):
-        ingest.run(IngestConfig(source=str(tmp_path / "d.parquet")), tmp_path / "raw")
+        ingest.run(IngestConfig(source=str(tmp_path / "d.parquet")), project_paths(tmp_path))
 
 
 def test_parquet_and_saved_hf_dataset_sources_are_read(tmp_path):

@@ -2,7 +2,7 @@ import subprocess
 
 import pytest
 
-from tasks.common.io import atomic_dir
+from llmops.common.io import atomic_dir
 
 from ..conftest import ROOT
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.common.config import GateConfig
-from tasks.register import decide, gate_metrics
+from llmops.params.register import GateConfig
+from llmops.registry.gate import decide, gate_metrics
 
 pytestmark = pytest.mark.unit
 

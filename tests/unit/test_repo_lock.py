@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from flows.pipeline import close_runs_left_open, mlflow_run_url
-from flows.repo_lock import RepoBusyError, repo_lock
+from flows.pipeline import close_runs_left_open
+from llmops.common.tracking import run_url as mlflow_run_url
+from llmops.common.repo_lock import RepoBusyError, repo_lock
 
 pytestmark = pytest.mark.unit
 
@@ -50,7 +51,7 @@ def test_a_holder_killed_with_sigkill_frees_the_lock_and_leaves_its_record_for_t
         f"""
         import sys, time
         from pathlib import Path
-        from flows.repo_lock import repo_lock
+        from llmops.common.repo_lock import repo_lock
         with repo_lock(Path({str(tmp_path)!r}), 0, {{"prefect_flow_run_id": "doomed"}}) as lock:
             lock.update(mlflow_run_id="abc123")
             print("held", flush=True)

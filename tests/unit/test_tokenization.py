@@ -5,18 +5,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks import tokenization
-from tasks.common.config import ModelConfig, TokenizeConfig
-from tasks.common.errors import DataError
-from tasks.common.io import RECORD_SCHEMA, write_records
+from llmops.common.fingerprints import directory_digest
+from llmops.data import tokenizer as tokenization
+from tasks import tokenize
+from llmops.params.model import ModelConfig
+from llmops.params.tokenize import TokenizeConfig
+from llmops.common.errors import DataError
+from llmops.common.io import RECORD_SCHEMA, write_records
 
-from ..conftest import ROOT
+from ..conftest import ROOT, project_paths
 
 pytestmark = pytest.mark.unit
 
 
 def code_documents(n: int) -> list[str]:
-    files = sorted((ROOT / "tasks").rglob("*.py"))
+    files = sorted((ROOT / "llmops").rglob("*.py"))
     rng = random.Random(3)
     return [files[i % len(files)].read_text() + f"\n# variant {i} {rng.random()}\n" for i in range(n)]
 
@@ -29,7 +32,7 @@ def tokenized(tmp_path_factory):
     table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
     write_records(root / "dedup", table, shard_max_bytes=1 << 30)
     cfg = TokenizeConfig(vocab_size=400, val_fraction=0.1)
-    result = tokenization.run(cfg, ModelConfig(), root / "dedup", root / "tokens", root / "tokenizer")
+    result = tokenize.run(cfg, ModelConfig(), project_paths(root, dedup="dedup", tokens="tokens", tokenizer="tokenizer"))
     return root, cfg, texts, result
 
 
@@ -59,7 +62,7 @@ def test_packed_arrays_have_one_eos_per_document_and_decode_back(tokenized):
 def test_tokenizer_digest_in_meta_is_the_cache_key_of_the_arrays(tokenized):
     root, _, _, _ = tokenized
     meta = json.loads((root / "tokens" / "meta.json").read_text())
-    assert meta["tokenizer_sha256"] == tokenization.tokenizer_digest(root / "tokenizer")
+    assert meta["tokenizer_sha256"] == directory_digest(root / "tokenizer", algorithm="sha256")
 
 
 def test_training_the_tokenizer_twice_gives_the_same_vocabulary(tokenized):
@@ -86,7 +89,7 @@ def test_base_model_tokenizer_must_exist_locally(tmp_path):
 
 def test_base_model_tokenizer_is_used_when_set(tokenized, tmp_path):
     root, cfg, _, _ = tokenized
-    result = tokenization.run(cfg, ModelConfig(base=str(root / "tokenizer")), root / "dedup", tmp_path / "tokens", tmp_path / "tok")
+    result = tokenize.run(cfg, ModelConfig(base=str(root / "tokenizer")), project_paths(tmp_path, dedup=str(root / "dedup"), tokens="tokens", tokenizer="tok"))
     meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
     assert meta["tokenizer_source"] == str(root / "tokenizer")
     assert result.metrics["vocab_size"] == cfg.vocab_size

@@ -3,15 +3,17 @@ import json
 import pytest
 
 from tasks import ingest, validate
-from tasks.common.config import IngestConfig, ValidateConfig
-from tasks.common.errors import DataError
-from tasks.common.io import read_records
+from llmops.params.ingest import IngestConfig
+from llmops.params.validate import ValidateConfig
+from llmops.common.errors import DataError
+from llmops.common.io import read_records
 
-from ..conftest import write_jsonl
+from ..conftest import project_paths, write_jsonl
 
 pytestmark = pytest.mark.unit
 
 GOOD_FILES = 10
+DOCS = "reports/validate/data_docs"
 
 
 def build_bad_corpus(root):
@@ -25,15 +27,15 @@ def build_bad_corpus(root):
     (files / "latin.py").write_bytes(b"caf\xe9 = 1\n")  # not UTF-8, no coding cookie
     jsonl = write_jsonl(root / "extra.jsonl", [{"id": "dup", "text": "first copy"}, {"id": "dup", "text": "second copy"}])
     raw = root / "raw"
-    ingest.run(IngestConfig(source=[str(files), str(jsonl)]), raw)
+    ingest.run(IngestConfig(source=[str(files), str(jsonl)]), project_paths(root, raw="raw"))
     return raw
 
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
-    raw = build_bad_corpus(root)
-    result = validate.run(ValidateConfig(min_pass_rate=0.5), raw, root / "ok", root / "quarantine", root / "docs")
+    build_bad_corpus(root)
+    result = validate.run(ValidateConfig(min_pass_rate=0.5), project_paths(root, raw="raw", validated="ok", quarantine="quarantine", reports="reports"))
     quarantined = {r["id"]: json.loads(r["failed_expectations"]) for r in read_records(root / "quarantine").to_pylist()}
     return root, result, quarantined
 
@@ -86,14 +88,14 @@ def test_pass_rate_is_reported_per_expectation(validated):
 
 def test_data_docs_html_is_written(validated):
     root, _, _ = validated
-    assert (root / "docs" / "index.html").exists()
-    assert list((root / "docs" / "validations").rglob("*.html"))
+    assert (root / DOCS / "index.html").exists()
+    assert list((root / DOCS / "validations").rglob("*.html"))
 
 
 def test_pass_rate_under_the_threshold_fails_and_still_writes_the_quarantine(tmp_path):
-    raw = build_bad_corpus(tmp_path)
+    build_bad_corpus(tmp_path)
     with pytest.raises(DataError) as err:
-        validate.run(ValidateConfig(min_pass_rate=0.9), raw, tmp_path / "ok", tmp_path / "quarantine", tmp_path / "docs")
+        validate.run(ValidateConfig(min_pass_rate=0.9), project_paths(tmp_path, raw="raw", validated="ok", quarantine="quarantine", reports="reports"))
     message = str(err.value)
     assert "62.50%" in message and "validate.min_pass_rate 90.00%" in message
     assert str(tmp_path / "quarantine") in message

@@ -1,0 +1,66 @@
+"""Every environment variable llmops reads or sets, in one place: the offline switches, progress bars, the MLflow
+and Prefect servers, the pipeline's parent run, the serving key, vLLM, and the distributed launch."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may phone home; the CLI sets these before any library is imported (a value already set wins).
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TOKENIZERS_PARALLELISM": "true",
+}
+PROGRESS = "LLMOPS_PROGRESS"  # "0": no progress bars (tests, log files)
+PARENT_RUN = "LLMOPS_PARENT_RUN_ID"  # the pipeline flow's MLflow run: stage runs nest under it
+API_KEY = "LLMOPS_API_KEY"  # the serving key (else serve.api_key_file)
+VLLM_BIN = "LLMOPS_VLLM_BIN"  # a `vllm` executable outside this environment
+RDZV_ENDPOINT = "LLMOPS_RDZV_ENDPOINT"  # host:port of the rendezvous node for multi-node training
+RDZV_ID = "LLMOPS_RDZV_ID"
+MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"  # a shared `mlflow server`, over params' tracking.uri
+PREFECT_API_URL = "PREFECT_API_URL"  # a `prefect server`; unset = Prefect's ephemeral API
+
+
+def set_offline() -> None:
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+
+
+def get(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get(PROGRESS, "1") != "0"
+
+
+def parent_run_id() -> str:
+    return os.environ.get(PARENT_RUN, "")
+
+
+def tracking_uri_override() -> str:
+    return os.environ.get(MLFLOW_TRACKING_URI, "")
+
+
+def prefect_api_url() -> str:
+    return os.environ.get(PREFECT_API_URL, "")
+
+
+def rank() -> int:
+    """This process's rank under torchrun / accelerate (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def in_launched_process() -> bool:
+    return "LOCAL_RANK" in os.environ

@@ -1,0 +1,109 @@
+"""Atomic writes and Parquet shard I/O shared by all stages: nothing half-written is ever taken as done."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from llmops.common.errors import StageError
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("meta", pa.string()),  # JSON object: path, line/row, bytes, ... (free-form per source kind)
+        ("ingest_error", pa.string()),  # null unless ingest could not decode/parse the record
+    ]
+)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished temp directory into place; `final` is never a mix of old and new files."""
+    if final.exists():
+        # Rename the old one aside first so `final` is never a mix of old and new files.
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_records(out_dir: Path, table: pa.Table, *, shard_max_bytes: int, prefix: str = "part") -> list[Path]:
+    """Write `table` as Parquet shards of at most ~shard_max_bytes of text each, named part-00000.parquet, ..."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[Path] = []
+    if table.num_rows == 0:
+        path = out_dir / f"{prefix}-00000.parquet"
+        pq.write_table(table, path)
+        return [path]
+    text_bytes = pc.binary_length(table.column("text").fill_null("")).to_numpy(zero_copy_only=False)
+    start, acc = 0, 0
+    for i, n in enumerate(text_bytes):
+        acc += int(n)
+        if acc >= shard_max_bytes or i == len(text_bytes) - 1:
+            path = out_dir / f"{prefix}-{len(shards):05d}.parquet"
+            pq.write_table(table.slice(start, i + 1 - start), path, compression="zstd")
+            shards.append(path)
+            start, acc = i + 1, 0
+    return shards
+
+
+def read_records(in_dir: Path, prefix: str = "part") -> pa.Table:
+    """Read every shard a stage wrote; a missing directory is a clear StageError, not an empty table."""
+    in_dir = Path(in_dir)
+    shards = sorted(in_dir.glob(f"{prefix}-*.parquet"))
+    if not shards:
+        raise StageError(
+            f"{in_dir}: no {prefix}-*.parquet shards found. Run the upstream stage first "
+            f"(`dvc repro` or `llmops run`)."
+        )
+    return pa.concat_tables([pq.read_table(p) for p in shards])

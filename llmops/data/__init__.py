@@ -1,0 +1,1 @@
+"""The data library: source readers, the validation contract, MinHash dedup, tokenizers and token statistics."""

@@ -1,0 +1,120 @@
+"""Tokenizers and token arrays: the deterministic train/val split by document id, byte-level BPE training (or a base
+model's tokenizer), encoding + packing with EOS between documents, and the reference statistics (length histogram,
+unigrams, unk and byte-fallback rates) that the drift monitor compares new data against."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from llmops.params.tokenize import TokenizeConfig
+from llmops.common.errors import DataError
+from llmops.common.progress import progress
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+REFERENCE_STATS = "reference_stats.json"  # in data/tokens/: what the drift monitor compares a batch with
+
+
+def is_validation_doc(doc_id: str, val_fraction: float, seed: int) -> bool:
+    """Deterministic split by document: the same id lands on the same side on every machine."""
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_documents(ids: list[str], texts: list[str], cfg: TokenizeConfig) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for doc_id, text in zip(ids, texts, strict=True):
+        (val if is_validation_doc(doc_id, cfg.val_fraction, cfg.split_seed) else train).append(text)
+    if not val and len(train) > 1:
+        val.append(train.pop())  # a tiny corpus still gets a held-out document
+    if not train:
+        raise DataError(f"tokenize: {len(ids)} document(s) leave nothing to train on; lower tokenize.val_fraction or add data.")
+    return train, val
+
+
+def train_bpe(texts: list[str], cfg: TokenizeConfig) -> Any:
+    """A byte-level BPE (GPT-2 style: no unknown tokens, every byte is representable) as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def load_base_tokenizer(base: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"model.base={base!r}: cannot load its tokenizer ({exc}). Set model.base to a local HF model directory.") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"model.base={base!r}: its tokenizer has no eos_token; packing needs one to separate documents.")
+    return tokenizer
+
+
+def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flat token ids with EOS after every document, and each document's length in tokens."""
+    eos = tokenizer.eos_token_id
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    pieces: list[np.ndarray] = []
+    lengths: list[int] = []
+    backend = tokenizer.backend_tokenizer
+    # Text that spells a special token ("<|endoftext|>" in a docstring) is data, not a document
+    # boundary: encode it as ordinary text so only the EOS we insert separates documents.
+    backend.encode_special_tokens = True
+    batches = [texts[i : i + batch_docs] for i in range(0, len(texts), batch_docs)]
+    for batch in progress(batches, desc=desc, unit="batch"):
+        for enc in backend.encode_batch(batch, add_special_tokens=False):
+            pieces.append(np.asarray(enc.ids + [eos], dtype=dtype))
+            lengths.append(len(enc.ids))
+    packed = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return packed, np.asarray(lengths, dtype=np.int64)
+
+
+def byte_fallback_ids(tokenizer: Any) -> np.ndarray:
+    """Ids of tokens that stand for one raw non-ASCII byte: text the vocabulary could not cover.
+
+    Byte-level BPE spells a lone byte as one mapped character; SentencePiece as `<0xHH>`.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
+    ids = []
+    for token, i in tokenizer.get_vocab().items():
+        if len(token) == 1 and byte_of_char.get(token, 0) >= 0x80:
+            ids.append(i)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">") and int(token[3:5], 16) >= 0x80:
+            ids.append(i)
+    return np.asarray(sorted(ids), dtype=np.int64)
+
+
+def reference_stats(tokenizer: Any, train_ids: np.ndarray, doc_lengths: np.ndarray, bins: int) -> dict[str, Any]:
+    """What the drift monitor compares a new batch with: fixed log-spaced length bins, unigram counts, rates."""
+    edges = np.unique(np.round(np.geomspace(1, 1_000_000, bins + 1)).astype(np.int64))
+    hist, _ = np.histogram(np.clip(doc_lengths, 1, edges[-1]), bins=edges)
+    counts = np.bincount(train_ids.astype(np.int64), minlength=len(tokenizer))
+    total = max(int(counts.sum()), 1)
+    unk_id = tokenizer.unk_token_id
+    return {
+        "doc_length_bin_edges": edges.tolist(),
+        "doc_length_histogram": hist.tolist(),
+        "unigram_counts": counts.tolist(),
+        "unk_rate": float(counts[unk_id] / total) if unk_id is not None else 0.0,
+        "byte_fallback_rate": float(counts[byte_fallback_ids(tokenizer)].sum() / total),
+        "tokens": total,
+        "docs": int(len(doc_lengths)),
+    }

@@ -1,0 +1,106 @@
+"""The drift checks as pure functions: KS and PSI of token-length histograms, Jensen-Shannon of unigram counts, the
+share of batch documents that near-duplicate training documents, and each score against its threshold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmops.common.errors import DataError
+from llmops.data.minhash import exact_key, near_duplicate_pairs, signatures
+from llmops.params.dedup import DedupConfig
+from llmops.params.monitor import MonitorConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    score: float  # NaN when it could not be computed (the reason is in `note`)
+    threshold: float
+    kind: str  # "max": flagged above the threshold; "min": flagged below it
+    note: str = ""
+
+    @property
+    def flagged(self) -> bool:
+        if math.isnan(self.score):
+            return False
+        return self.score > self.threshold if self.kind == "max" else self.score < self.threshold
+
+
+def binned_ks(reference_hist: list[int] | np.ndarray, batch_hist: list[int] | np.ndarray) -> float:
+    """Kolmogorov-Smirnov statistic between two histograms on the same bins: max |CDF_ref - CDF_batch|."""
+    ref, new = np.asarray(reference_hist, dtype=float), np.asarray(batch_hist, dtype=float)
+    if ref.sum() == 0 or new.sum() == 0:
+        return float("nan")
+    return float(np.max(np.abs(np.cumsum(ref) / ref.sum() - np.cumsum(new) / new.sum())))
+
+
+def ks_critical_value(n_reference: float, n_batch: float, alpha: float) -> float:
+    """The two-sample KS statistic that chance alone exceeds with probability `alpha` (asymptotic Kolmogorov bound).
+
+    A batch of a few documents moves the length CDF in big steps; below this value the difference is sampling noise.
+    """
+    if n_reference <= 0 or n_batch <= 0:
+        return float("nan")
+    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n_reference + n_batch) / (n_reference * n_batch))
+
+
+def psi(reference_hist: list[int] | np.ndarray, batch_hist: list[int] | np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index over the same bins (empty bins floored at `eps`); reported beside KS."""
+    ref, new = np.asarray(reference_hist, dtype=float), np.asarray(batch_hist, dtype=float)
+    if ref.sum() == 0 or new.sum() == 0:
+        return float("nan")
+    p, q = np.maximum(ref / ref.sum(), eps), np.maximum(new / new.sum(), eps)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def jensen_shannon(reference_counts: list[int] | np.ndarray, batch_counts: list[int] | np.ndarray) -> float:
+    """Jensen-Shannon divergence (base 2, in [0, 1]) between two unigram count vectors over one vocabulary."""
+    from scipy.spatial.distance import jensenshannon
+
+    ref, new = np.asarray(reference_counts, dtype=float), np.asarray(batch_counts, dtype=float)
+    if ref.shape != new.shape:
+        raise DataError(f"unigram counts over different vocabularies ({ref.size} vs {new.size}): re-run tokenize (`dvc repro tokenize`).")
+    if ref.sum() == 0 or new.sum() == 0:
+        return float("nan")
+    return float(jensenshannon(ref, new, base=2) ** 2)
+
+
+def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: list[str]) -> float:
+    """Share of batch documents that near-duplicate (or exactly repeat) a training document.
+
+    Dedup's own MinHash LSH over training docs followed by batch docs: a verified pair (train i, batch j) marks j.
+    """
+    if not batch_texts:
+        return float("nan")
+    train_keys = {exact_key(t) for t in train_texts}
+    exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
+    texts = train_texts + batch_texts
+    sigs = signatures(cfg, texts)
+    pairs = near_duplicate_pairs(cfg, sigs, [bool(t.split()) for t in texts])
+    n = len(train_texts)
+    near = {j - n for i, j, _ in pairs if i < n <= j}
+    return len(exact | near) / len(batch_texts)
+
+
+def build_checks(
+    scores: dict[str, float], cfg: MonitorConfig, notes: dict[str, str] | None = None, ks_critical: float = float("nan")
+) -> list[Check]:
+    """One Check per drift measure. The length check's bar is the larger of its threshold and `ks_critical`, so a small
+    batch is flagged only for a length shift chance cannot explain (at monitor.length_ks_alpha)."""
+    notes = dict(notes or {})
+    length_bar = cfg.length_ks_max
+    if ks_critical > cfg.length_ks_max:
+        length_bar = ks_critical
+        notes.setdefault("token_length_ks", f"small batch: KS below {ks_critical:.3f} is sampling noise at alpha {cfg.length_ks_alpha}")
+    spec = [
+        ("token_length_ks", length_bar, "max"),
+        ("unigram_js", cfg.unigram_js_max, "max"),
+        ("oov_rate_increase", cfg.oov_rate_increase_max, "max"),
+        ("validation_pass_rate", cfg.min_pass_rate, "min"),
+        ("near_duplicate_share", cfg.near_duplicate_share_max, "max"),
+        ("perplexity_ratio", cfg.perplexity_ratio_max, "max"),
+    ]
+    return [Check(name, float(scores.get(name, float("nan"))), threshold, kind, notes.get(name, "")) for name, threshold, kind in spec]

@@ -1,0 +1,36 @@
+"""params.yaml `evaluate`: perplexity, sandboxed HumanEval and eval-split generation."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from llmops.params.base import Section
+
+
+class EvaluateConfig(Section):
+    """Perplexity, HumanEval (sandboxed execution) and eval-split match of the fine-tuned model."""
+
+    seq_len: int = Field(256, ge=8)  # perplexity block length
+    eval_tokens: int = Field(50_000, ge=0)  # held-out tokens scored (0 = the whole val split)
+    batch_size: int = Field(16, ge=1)  # perplexity blocks / prompts per generate call
+    compare_base: bool = True  # also score the pretrained base (or model.base) for comparison
+    max_problems: int = Field(20, ge=0, le=164)  # HumanEval problems, in order (164 = all; 0 = skip HumanEval)
+    samples_per_problem: int = Field(1, ge=1)  # n; greedy decoding when 1, sampling otherwise
+    pass_k: list[int] = Field(default_factory=lambda: [1, 10])  # pass@k reported for every k <= n
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    max_pairs: int = Field(50, ge=0)  # fine-tune eval split pairs generated (0 = all)
+    seed: int = 0
+    timeout_s: float = Field(5.0, gt=0)  # wall clock per program
+    memory_mb: int = Field(1024, ge=64)  # address space per program
+    max_processes: int = Field(32, ge=1)  # processes per program (stops fork bombs)
+    max_file_mb: int = Field(16, ge=1)  # largest file a program may write
+    workers: int = Field(0, ge=0)  # programs run at once; 0 = one per CPU core
+    allow_unsandboxed: bool = False  # run generated code with rlimits only where namespaces are unavailable (unsafe)
+
+    @model_validator(mode="after")
+    def _positive_k(self) -> EvaluateConfig:
+        if any(k < 1 for k in self.pass_k):
+            raise ValueError(f"pass_k values must be >= 1 (got {self.pass_k})")
+        return self

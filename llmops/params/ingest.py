@@ -1,0 +1,16 @@
+"""params.yaml `ingest`: what the ingest stage reads and how it shards it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from llmops.params.base import Section
+
+
+class IngestConfig(Section):
+    source: str | list[str] = ""  # path, glob, .jsonl, .parquet, HF dataset dir; "" = Python stdlib source
+    text_field: str = "text"  # column/key that holds the text in JSONL, Parquet and HF datasets
+    id_field: str = "id"  # column/key with a stable id; absent = derived from source path + row
+    file_glob: str = "**/*.py"  # files taken when `source` is a directory
+    max_file_bytes: int = Field(50_000_000, gt=0)  # larger files are skipped and listed, not read
+    shard_max_bytes: int = Field(16_000_000, gt=0)

@@ -1,0 +1,27 @@
+"""params.yaml `monitor`: where batches are staged and the threshold of each drift check."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from llmops.params.base import Section
+
+
+class MonitorConfig(Section):
+    """The drift monitor: where a batch is staged, the threshold of each check, where results are tracked."""
+
+    experiment: str = "llmops-monitor"  # MLflow experiment: one run per batch
+    workdir: str = "data/monitor"  # side area for batches (raw/validated/tokens per batch id); never a training path
+    batches_dir: str = "data/batches"  # a flagged batch is copied here and added to ingest.source for the retrain
+    heldout_batch: str = "data/monitor/heldout.jsonl"  # tokenize's validation-split documents, exported for `llmops monitor --heldout`
+    model: str = ""  # model whose perplexity is checked; "" = <model_name>@production, else @champion, else paths.finetune_model
+    length_ks_max: float = Field(0.3, gt=0, le=1)  # KS statistic between token-length distributions (binned CDFs)
+    length_ks_alpha: float = Field(0.01, gt=0, lt=1)  # a small batch is flagged only above the KS value chance exceeds this rarely
+    unigram_js_max: float = Field(0.12, gt=0, le=1)  # Jensen-Shannon divergence (base 2) of unigram distributions
+    oov_rate_increase_max: float = Field(0.01, ge=0, le=1)  # (unk + byte-fallback rate) of the batch minus the reference
+    min_pass_rate: float = Field(0.9, ge=0, le=1)  # validation pass rate of the batch
+    near_duplicate_share_max: float = Field(0.5, ge=0, le=1)  # share of batch docs near-duplicating a training doc (replayed data)
+    perplexity_ratio_max: float = Field(1.5, gt=0)  # model perplexity on the batch / on the held-out split
+    perplexity_tokens: int = Field(50_000, ge=0)  # tokens scored on each side (0 = all)
+    retrain: bool = True  # past a threshold: emit llmops.drift.detected and run the pipeline with the batch added
+    after_run: bool = True  # `llmops run` ends with the monitor on the held-out batch (record only, never retrains)

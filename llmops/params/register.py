@@ -1,0 +1,25 @@
+"""params.yaml `register`: the registered model name and the champion/challenger gate."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from llmops.params.base import Section
+
+
+class GateConfig(Section):
+    """When a challenger replaces the champion; both are scored on the same eval data (llmops.eval_data)."""
+
+    min_pass_at_1_delta: float = Field(0.0, ge=-1, le=1)  # challenger pass@1 >= champion pass@1 + this
+    max_perplexity_increase: float = Field(0.05, ge=0)  # challenger perplexity <= champion perplexity * (1 + this)
+    reevaluate_champion: bool = True  # champion scored on other eval data: re-score it on the current data before comparing
+
+
+class RegisterConfig(Section):
+    """The MLflow registered model the register stage adds a version to, and the champion/challenger gate."""
+
+    model_name: str = Field("llmops-code", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    register_quantized: bool = True  # also register each paths.quantized/<scheme>/ as a version of <model_name>-<scheme>
+    log_transformers_flavor: bool = True  # log the MLflow transformers flavor (mlflow.transformers.load_model works)
+    emit_events: bool = True  # Prefect event llmops.champion.changed when the champion changes (best effort)
+    gate: GateConfig = GateConfig()

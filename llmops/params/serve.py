@@ -1,0 +1,34 @@
+"""params.yaml `serve`: the key-checking proxy, the backend, and the deploy flow's smoke and load tests."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from llmops.params.base import Section
+
+
+class ServeConfig(Section):
+    """`llmops serve` / the deploy flow: one key-checking proxy in front of vLLM (GPU) or `transformers serve` (CPU)."""
+
+    host: str = "127.0.0.1"  # interface of the public, key-checking port; 0.0.0.0 serves other machines
+    port: int = Field(8000, ge=0, le=65535)  # 0 = a free port
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto = vllm where it is installed and a GPU is present
+    device: str = "cpu"  # transformers backend: cpu | cuda | auto
+    cb_num_blocks: int = Field(128, ge=0)  # transformers backend: KV-cache blocks (256 tokens each); 0 = sized from free memory (slow on CPU)
+    cb_max_batch_tokens: int = Field(1024, ge=0)  # transformers backend: tokens per continuous batch; 0 = library default
+    api_key_file: str = ".secrets/llmops_api_key"  # read when $LLMOPS_API_KEY is unset; created (mode 0600, random key) if missing
+    health_timeout_s: float = Field(300.0, gt=0)  # /health must answer 200 within this after launch
+    max_model_len: int = Field(2048, ge=16)  # vllm --max-model-len
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size (GPUs per replica)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of GPU memory for weights + KV cache
+    max_lora_rank: int = Field(16, ge=1)  # vllm --max-lora-rank when the model is a LoRA adapter
+    request_timeout_s: float = Field(120.0, gt=0)  # per request, smoke and load tests
+    smoke_max_tokens: int = Field(16, ge=1)
+    load_clients: int = Field(8, ge=1)  # concurrent clients of the load test
+    load_requests: int = Field(32, ge=1)  # requests in all, shared by the clients
+    load_max_tokens: int = Field(32, ge=1)
+    max_error_rate: float = Field(0.0, ge=0, le=1)  # load-test gate: failed requests / requests
+    max_p95_latency_s: float = Field(60.0, ge=0)  # load-test gate; 0 = no limit
+    after_run: bool = True  # `llmops run` ends with the deploy flow (when the run covers the whole DAG)

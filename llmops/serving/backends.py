@@ -1,0 +1,161 @@
+"""What gets served and how: check a model directory (safetensors only, no remote code), pick the backend, build its command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmops.common import env
+from llmops.params.serve import ServeConfig
+from llmops.common.errors import ConfigError, ServeError
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A checked local model directory and the name clients ask for."""
+
+    path: Path
+    name: str  # the model name in requests (`--served-model-name`)
+    adapter_base: Path | None = None  # set when `path` is a LoRA adapter: the base model it applies to
+    quantization: str = ""  # the checkpoint's quantization_config.quant_method (e.g. compressed-tensors)
+    lora_rank: int = 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"{path}: cannot read it as JSON ({exc})") from None
+
+
+def _check_weights(path: Path, weights_glob: str) -> None:
+    """Refuse directories whose weights are not safetensors: a pickle checkpoint runs code when loaded."""
+    if not any(path.glob(weights_glob)):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        found = f" (found pickle weights: {', '.join(pickles)})" if pickles else ""
+        raise ServeError(f"{path}: no safetensors weights{found}. Models are served from safetensors only; re-save with save_pretrained(safe_serialization=True).")
+
+
+def inspect_model(path: Path, name: str) -> ServedModel:
+    """Check that `path` is a servable HF directory (config, safetensors, tokenizer, no remote code) and describe it."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise ServeError(f"{path}: not a directory. Give a local HF model directory or NAME@ALIAS from the registry.")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.exists():
+        _check_weights(path, "adapter_model.safetensors")
+        adapter = _read_json(adapter_config)
+        base = Path(adapter.get("base_model_name_or_path") or "")
+        if not (base / "config.json").exists():
+            raise ServeError(f"{adapter_config}: base_model_name_or_path {str(base)!r} is not a local model directory; the adapter cannot be served without its base.")
+        inspect_model(base, name)
+        return ServedModel(path=path, name=name, adapter_base=base, lora_rank=int(adapter.get("r") or 0))
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ServeError(f"{path}: no config.json; not a Hugging Face model directory.")
+    config = _read_json(config_file)
+    if config.get("auto_map"):
+        raise ServeError(f"{config_file}: auto_map asks for the model's own Python code; remote code is never trusted here.")
+    _check_weights(path, "*.safetensors")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ServeError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); the server cannot encode prompts.")
+    quant = (config.get("quantization_config") or {}).get("quant_method", "")
+    return ServedModel(path=path, name=name, quantization=str(quant))
+
+
+# `make vllm` builds it beside .venv: vLLM pins its own torch and compressed-tensors, which llm-compressor's pins exclude.
+VLLM_VENV = Path(sys.executable).parents[2] / ".venv-vllm"
+
+
+def vllm_executable() -> str | None:
+    """`vllm` from $LLMOPS_VLLM_BIN, this environment, the project's .venv-vllm (`make vllm`), or PATH; None if none has it."""
+    candidates = [env.get(env.VLLM_BIN), str(Path(sys.executable).parent / "vllm"), str(VLLM_VENV / "bin" / "vllm")]
+    found = next((c for c in candidates if c and Path(c).is_file()), None)
+    return found or shutil.which("vllm")
+
+
+def vllm_installed() -> bool:
+    return vllm_executable() is not None
+
+
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """auto -> vllm where vLLM is installed and a GPU is present, else transformers."""
+    if requested == "auto":
+        return "vllm" if vllm_installed() and gpu_present() else "transformers"
+    if requested == "vllm" and not vllm_installed():
+        raise ConfigError(
+            "serve.backend=vllm: no `vllm` executable found ($LLMOPS_VLLM_BIN, this venv, .venv-vllm, PATH). On a GPU host run "
+            "`make vllm` (vLLM in its own venv: it pins torch 2.14 and a compressed-tensors that llm-compressor excludes); on CPU use --backend transformers."
+        )
+    if requested not in ("vllm", "transformers"):
+        raise ConfigError(f"serve.backend={requested!r}: expected auto, vllm or transformers")
+    return requested
+
+
+def _executable(name: str) -> str:
+    """The console script of this environment (beside sys.executable), else the one on PATH (launch says so if neither exists)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name) or name
+
+
+def vllm_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
+    """`vllm serve` on 127.0.0.1:port. Compressed-tensors checkpoints need no --quantization: vLLM reads their config."""
+    weights = model.adapter_base or model.path
+    cmd = [
+        vllm_executable() or "vllm", "serve", str(weights),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(cfg.max_model_len),
+        "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+        "--generation-config", "vllm",  # our sampling defaults, not whatever generation_config.json holds
+        "--load-format", "safetensors",
+    ]  # fmt: skip
+    if model.adapter_base is not None:
+        rank = max(cfg.max_lora_rank, model.lora_rank)
+        cmd += ["--served-model-name", f"{model.name}-base", "--enable-lora", "--lora-modules", f"{model.name}={model.path}", "--max-lora-rank", str(rank)]
+    else:
+        cmd += ["--served-model-name", model.name]
+    return cmd
+
+
+def transformers_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
+    """`transformers serve` on 127.0.0.1:port with the model preloaded and continuous batching on."""
+    if model.adapter_base is not None:
+        raise ServeError(
+            f"{model.path} is a LoRA adapter: the transformers backend serves full models. Serve the merged model "
+            "(paths.finetune_model) or use --backend vllm, which serves adapters with --enable-lora."
+        )
+    cmd = [
+        _executable("transformers"), "serve", str(model.path),
+        "--device", cfg.device,
+        "--continuous-batching",
+        "--no-trust-remote-code",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    # Left unset, the KV cache is sized from free memory: on a CPU host that allocates most of RAM on the first request.
+    if cfg.cb_num_blocks:
+        cmd += ["--cb-num-blocks", str(cfg.cb_num_blocks)]
+    if cfg.cb_max_batch_tokens:
+        cmd += ["--cb-max-batch-tokens", str(cfg.cb_max_batch_tokens)]
+    return cmd
+
+
+def backend_command(backend: str, model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
+    return vllm_command(model, cfg, port) if backend == "vllm" else transformers_command(model, cfg, port)
+
+
+def backend_model_id(backend: str, model: ServedModel) -> str:
+    """The model name the backend itself expects in requests: vLLM takes the served name, transformers serve its path."""
+    return model.name if backend == "vllm" else str(model.path)

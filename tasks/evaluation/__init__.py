@@ -1,1 +1,0 @@
-"""Helpers of the evaluate stage: perplexity and generation (torch), scoring (pure), the execution sandbox."""
