@@ -116,7 +116,7 @@ def monitored_model(params: Params) -> tuple[Path | None, str]:
             log.info("monitor: %s@%s not usable (%s)", name, alias, exc)
             continue
         return ref.path, f"{name}@{alias} (version {ref.version})"
-    local = root / params.paths.finetune_model
+    local = params.paths.finetune_model
     if (local / "config.json").exists():
         return local, f"{params.paths.finetune_model} (no {name}@production or @champion in the registry)"
     return None, f"none: no {name}@production or @champion and no {params.paths.finetune_model}/config.json"
@@ -184,8 +184,7 @@ def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list
 
 def training_split(params: Params) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts) of data/dedup, split exactly as tokenize splits them."""
-    root = params.paths.root
-    table = read_records(root / params.paths.dedup)
+    table = read_records(params.paths.dedup)
     return split_documents(table.column("id").to_pylist(), table.column("text").to_pylist(), params.tokenize)
 
 
@@ -237,7 +236,7 @@ def run(params: Params, batch: str, *, track: bool = True) -> MonitorResult:
     notes: dict[str, str] = {}
     info: dict[str, Any] = {**counts, "bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in raw.column("text").to_pylist() if t)}
 
-    tokenizer = AutoTokenizer.from_pretrained(str(root / params.paths.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(params.paths.tokenizer))
     stats, _ = _token_stats(tokenizer, texts, params.tokenize.length_histogram_bins, "monitor: tokenize batch")
     if stats["doc_length_bin_edges"] != reference["doc_length_bin_edges"]:
         raise DataError(f"{reference_file}: length bins differ from tokenize.length_histogram_bins; re-run tokenize (`dvc repro tokenize`).")
@@ -330,7 +329,7 @@ def log_to_mlflow(params: Params, result: MonitorResult) -> str:
 def export_heldout(params: Params) -> Path:
     """Write tokenize's held-out split (documents never trained on) as JSONL at monitor.heldout_batch."""
     root = params.paths.root
-    table = read_records(root / params.paths.dedup)
+    table = read_records(params.paths.dedup)
     rows = [
         json.dumps({"id": doc_id, "text": text}, ensure_ascii=False)
         for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True)
