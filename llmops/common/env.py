@@ -37,6 +37,11 @@ def get(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+def take(name: str) -> str:
+    """Read a variable and remove it from this process's environment (a secret its children must not inherit)."""
+    return os.environ.pop(name, "")
+
+
 def progress_enabled() -> bool:
     return os.environ.get(PROGRESS, "1") != "0"
 

@@ -11,12 +11,12 @@ Run: LLMOPS_API_KEY=... python -m llmops.serving.proxy --backend-url http://127.
 import argparse
 import hmac
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from llmops.common import env
 from llmops.common.env import API_KEY as API_KEY_ENV
 
 # Connection-level headers are per hop; content-length changes when the body is rewritten.
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", default=[], help="SERVED_NAME=BACKEND_MODEL_ID (repeatable)")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = parser.parse_args(argv)
-    api_key = os.environ.pop(API_KEY_ENV, "")
+    api_key = env.take(API_KEY_ENV)
     if not api_key:
         parser.error(f"${API_KEY_ENV} is empty: the proxy refuses to start without a key")
     models = dict(item.split("=", 1) for item in args.model)
