@@ -2,7 +2,7 @@
 
 vLLM's own --api-key guards only /v1 and transformers serve has none, so the key is checked
 here, the same way for both. Only /health and the OpenAI routes under /v1 are exposed (the
-backends' admin routes such as /reset or /load_model are not). The proxy also answers
+backends' admin routes such as /reset or /load_model are not, however the path is spelled). The proxy also answers
 /v1/models itself and maps the served model name to the id the backend expects.
 
 Run: LLMOPS_API_KEY=... python -m llmops.serving.proxy --backend-url http://127.0.0.1:PORT --port 8000 --model NAME=BACKEND_ID
@@ -19,6 +19,8 @@ from typing import Any
 from llmops.common import env
 from llmops.common.env import API_KEY as API_KEY_ENV
 
+# The only backend routes forwarded (/v1/models is answered here); admin routes (/reset, /load_model, /docs) never are.
+OPENAI_ROUTES = frozenset({"v1/completions", "v1/chat/completions", "v1/embeddings"})
 # Connection-level headers are per hop; content-length changes when the body is rewritten.
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
 
@@ -72,7 +74,7 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], timeout_s:
     async def forward(path: str, request: Request) -> Response:
         if not authorized(request):
             return _unauthorized()
-        if not path.startswith("v1/"):
+        if path not in OPENAI_ROUTES:  # exact match on the decoded path: no dot segment or encoding reaches another route
             return JSONResponse({"error": {"message": f"/{path} is not served", "type": "not_found"}}, status_code=404)
         body = await request.body()
         if body and request.headers.get("content-type", "").startswith("application/json"):

@@ -83,6 +83,23 @@ def test_backend_admin_routes_are_not_exposed(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/../reset", "/v1/%2e%2e/load_model", "/v1/..%2fdocs", "/v1/./../reset", "/v1/completions/../../reset", "/v1/unknown"])
+def test_dot_segments_and_encodings_reach_no_route_but_the_openai_ones(server, path):
+    """http.client sends the path as written (httpx would normalise it away before it left the client)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("POST", path, body=b"{}", headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 404, f"{path} answered {response.status}"
+    finally:
+        conn.close()
+    assert httpx.get(f"{server.url}/health").status_code == 200  # the backend was not reset
+
+
 def test_openai_client_lists_completes_and_chats(server):
     from openai import OpenAI
 
