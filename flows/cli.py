@@ -10,10 +10,11 @@ env.set_offline()  # before any library is imported: nothing may phone home
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
+from typing import Annotated, NoReturn  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 
 from llmops.common.errors import LlmopsError  # noqa: E402
 
@@ -24,11 +25,17 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+USAGE_EXIT_CODE = 2  # what click exits with on a bad option: a --set that cannot apply is one
 
 
-def _fail(exc: LlmopsError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=1)
+def _fail(exc: Exception, code: int = 1) -> NoReturn:
+    """Print `error: REASON` and exit with `code`. The reason is never empty, never read as rich markup (a message
+    holding `[...]` would lose that text), and never wrapped, so a grep for `error:` finds all of it."""
+    reason = str(exc).strip() or f"{type(exc).__name__} (no message)"
+    if not isinstance(exc, LlmopsError):
+        reason = f"{type(exc).__name__}: {reason}"
+    console.print("[bold red]error:[/]", escape(reason), soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -36,7 +43,12 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="First stage to run (default: the first in dvc.yaml).")] = None,
     to_stage: Annotated[str | None, typer.Option("--to", help="Last stage to run (default: the last).")] = None,
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a param for this run, e.g. --set dedup.threshold=0.8 (written to params.yaml so DVC sees it).")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Set a param, e.g. --set dedup.threshold=0.8 (repeatable). Written into params.yaml and kept there, as `dvc exp run "
+            "--set-param` does, so `dvc repro` repeats this run; a bad value is refused and params.yaml left untouched.",
+        ),
     ] = None,
     repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
     deploy_after: Annotated[bool, typer.Option("--deploy/--no-deploy", help="End a whole-DAG run with the deploy flow on the champion (serve.after_run).")] = True,
@@ -46,17 +58,33 @@ def run(
     ] = True,
 ) -> None:
     """Run the pipeline flow (Prefect): each dvc.yaml stage, skipped when DVC says it is up to date; then deploy the
-    champion and run the drift monitor once on the held-out batch."""
+    champion and run the drift monitor once on the held-out batch. `--set` values are written into params.yaml for good."""
+    from llmops.params.load import load_params
+
+    params_file = repo / "params.yaml"
     try:
+        load_params(params_file)  # a broken params.yaml fails here, before Prefect starts
+    except LlmopsError as exc:
+        _fail(exc)
+    try:
+        planned = load_params(params_file, overrides)  # the whole new params: a bad --set is a usage error and writes nothing
+    except LlmopsError as exc:
+        _fail(exc, code=USAGE_EXIT_CODE)
+    try:
+        from llmops.common.stages import check_outputs_replaceable
+
+        check_outputs_replaceable(planned.paths)  # fast, before Prefect starts; the flow checks again for deployments
         from flows.pipeline import pipeline
 
         result = pipeline(from_stage=from_stage, to_stage=to_stage, overrides=overrides or [], repo_dir=str(repo))
     except LlmopsError as exc:
         _fail(exc)
+    except Exception as exc:  # not one of ours: the traceback is for a bug report, the error line still says why
+        console.print_exception()
+        _fail(exc)
     from llmops.common.tracking import tracking_uri
-    from llmops.params.load import load_params
 
-    params = load_params(repo / "params.yaml")
+    params = load_params(params_file)
     ran = [s for s, r in result["stages"].items() if not r["cached"]]
     cached = [s for s, r in result["stages"].items() if r["cached"]]
     console.print(f"\n[bold green]pipeline done[/]: ran {', '.join(ran) or 'nothing'}; up to date: {', '.join(cached) or 'none'}")

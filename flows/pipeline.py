@@ -26,7 +26,7 @@ from llmops.common import env
 from llmops.common.accounting import check_accounting, read_stage_metrics
 from llmops.common.errors import ConfigError, StageError
 from llmops.common.repo_lock import RepoLock, describe, repo_lock
-from llmops.common.stages import metrics_file
+from llmops.common.stages import check_outputs_replaceable, metrics_file
 from llmops.common.tracking import flatten, git_commit, run_url, setup, tracking_uri
 from llmops.params.load import load_params, write_overrides
 
@@ -219,9 +219,12 @@ def _run_locked(
     from prefect.runtime import deployment, flow_run
 
     params_file = repo / "params.yaml"
+    # Deployments and monitor retrains come here without the CLI: the new params are validated and every output
+    # folder checked before params.yaml is written or `dvc repro` deletes anything.
+    check_outputs_replaceable(load_params(params_file, overrides).paths)
     if overrides:
         write_overrides(params_file, overrides)
-        logger.info("params.yaml overrides applied for this run: %s", ", ".join(overrides))
+        logger.info("params.yaml overrides written into params.yaml (they stay there): %s", ", ".join(overrides))
     params = load_params(params_file)
     stages = select_stages(stage_order(repo), from_stage, to_stage)
     uri = tracking_uri(params.tracking, params.paths.root)

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmops.common.errors import DataError
 from llmops.common.fingerprints import weights_identity
-from llmops.common.io import atomic_dir, atomic_write_json
+from llmops.common.io import atomic_dir, atomic_write_json, check_replaceable
 from llmops.common.progress import quiet_libraries
 from llmops.common.results import StageResult
 from llmops.params.finetune import FinetuneConfig
@@ -47,6 +47,8 @@ def run(cfg: FinetuneConfig, train: TrainConfig, base_model: ModelConfig, paths:
     from llmops.training.data import PairDataset, pair_collator
 
     quiet_libraries()
+    for written_after_training in (paths.finetune_model, paths.adapter):
+        check_replaceable(written_after_training)  # refuse a foreign folder now, not after the training it would waste
     base = base_model_dir(base_model, paths)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmops.common.errors import DataError
 from llmops.common.fingerprints import directory_digest, file_sha256
-from llmops.common.io import atomic_dir, atomic_write_json
+from llmops.common.io import atomic_dir, atomic_write_json, check_replaceable
 from llmops.common.results import StageResult
 from llmops.params.model import ModelConfig
 from llmops.params.paths import PathsConfig
@@ -42,6 +42,7 @@ def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: 
     from llmops.training.data import TokenBlocks, load_token_meta
     from llmops.training.model import build_config, build_model, flops_per_token, parameter_count
 
+    check_replaceable(out)  # refuse a foreign folder now, not after the training it would waste
     tokens_dir, tokenizer_dir = paths.tokens, paths.tokenizer
     meta = load_token_meta(tokens_dir)
     if meta.get("tokenizer_sha256") != directory_digest(tokenizer_dir, algorithm="sha256"):

@@ -1,4 +1,9 @@
-"""Atomic writes and Parquet shard I/O shared by all stages: nothing half-written is ever taken as done."""
+"""Atomic writes and Parquet shard I/O shared by all stages: nothing half-written is ever taken as done.
+
+Every directory `replace_dir` puts in place carries OUTPUT_MARKER, and it replaces (deletes) an existing directory
+only when that one is empty or carries the marker too: a stage never deletes a folder it did not write, whatever a
+path in params.yaml points at.
+"""
 
 from __future__ import annotations
 
@@ -31,11 +36,40 @@ RECORD_SCHEMA = pa.schema(
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# Constant content: two runs that write the same files still give a directory of the same md5.
+OUTPUT_MARKER = ".llmops-output"
+OUTPUT_MARKER_TEXT = b"Written by an llmops stage, which may replace this directory on its next run.\n"
+
+
+def check_replaceable(final: Path) -> None:
+    """Raise StageError unless `final` is absent, an empty directory, or a directory carrying OUTPUT_MARKER."""
+    final = Path(final)
+    if final.is_symlink():
+        raise StageError(
+            f"{final}: is a symlink (to {os.readlink(final)}); a stage writes a real directory in its place and would drop "
+            "the link. Point the paths key at the link's target instead, or remove the link."
+        )
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise StageError(f"{final}: is a file, not an output directory; refusing to replace it. Move it away or choose another path.")
+    if (final / OUTPUT_MARKER).is_file() or not any(final.iterdir()):
+        return
+    raise StageError(
+        f"{final}: exists, is not empty and has no {OUTPUT_MARKER} file, so no llmops stage wrote it; refusing to replace "
+        "(delete) it. Point that paths key in params.yaml at another folder, or, if it is an old output written before "
+        f"outputs carried {OUTPUT_MARKER}, delete it yourself."
+    )
+
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temp directory beside `final`; on success it replaces `final` in one rename (see replace_dir).
+
+    `final` is checked on entry too, so a foreign directory is refused before anything is written for it.
+    """
     final = Path(final)
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
@@ -48,7 +82,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp directory into place; `final` is never a mix of old and new files."""
+    """Swap a finished temp directory into place, marked as an output; `final` is never a mix of old and new files.
+
+    An existing `final` is deleted only if check_replaceable allows it; otherwise StageError names where the new
+    output was left (it may have taken hours to compute).
+    """
+    final = Path(final)
+    try:
+        check_replaceable(final)
+    except StageError as exc:
+        raise StageError(f"{exc} The new output is left at {tmp}.") from None
+    (Path(tmp) / OUTPUT_MARKER).write_bytes(OUTPUT_MARKER_TEXT)
     if final.exists():
         # Rename the old one aside first so `final` is never a mix of old and new files.
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

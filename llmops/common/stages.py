@@ -108,3 +108,23 @@ def stage_named(name: str) -> Stage:
 def metrics_file(name: str, paths: PathsConfig) -> Path:
     """paths.metrics/<the stage's metrics file> (dvc.yaml's `metrics`); `monitor` is the drift monitor's."""
     return paths.metrics / (MONITOR_METRICS if name == "monitor" else stage_named(name).metrics)
+
+
+def check_outputs_replaceable(paths: PathsConfig) -> None:
+    """`dvc repro` deletes a stage's outputs before it runs the stage, so a folder at an output path must be one DVC
+    recorded (dvc.lock) or one a stage wrote (see llmops.common.io.check_replaceable); anything else is refused here,
+    before DVC deletes it."""
+    from llmops.common.errors import StageError
+    from llmops.common.fingerprints import dvc_lock_outputs
+    from llmops.common.io import check_replaceable
+
+    recorded = dvc_lock_outputs(paths.root / "dvc.lock")
+    for stage in STAGES.values():
+        for template in stage.outputs:
+            path = stage.path(template, paths)
+            if paths.relative(path) in recorded:
+                continue
+            try:
+                check_replaceable(path)
+            except StageError as exc:
+                raise StageError(f"output {template} of stage {stage.name} (`dvc repro` deletes it before the stage runs): {exc}") from None

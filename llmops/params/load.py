@@ -1,5 +1,6 @@
 """params.yaml as one typed model: `Params` holds one section model per top-level key (llmops/params/<section>.py),
-`load_params` reads and validates the file, `--set` overrides are applied and written back with their comments kept."""
+`load_params` reads and validates the file, `--set` overrides are validated as a whole and then written into it for
+good, comments kept (as `dvc exp run --set-param` does), or not written at all."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
 def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE, root: Path | None = None) -> Params:
     """Validate a params mapping; every error names the key path, the rule, and the allowed keys.
 
-    With `root`, `paths` are made absolute against it (see PathsConfig.under).
+    With `root`, `paths` are made absolute against it (see PathsConfig.under) and must lie below it
+    (PathsConfig.outside_root).
     """
     try:
         params = Params.model_validate(raw or {})
@@ -103,7 +105,15 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE, root: Path | No
         raise ConfigError("\n".join(lines)) from None
     if root is None:
         return params
-    return params.model_copy(update={"paths": params.paths.under(root)})
+    paths = params.paths.under(root)
+    if problems := paths.outside_root():
+        raise ConfigError(
+            f"{source}: {'; '.join(problems)}. "
+            "Every path must resolve, symlinks followed, to a folder below the repository root (the folder holding params.yaml): "
+            "stages replace these folders, and DVC tracks no output outside the repository. Use a path under the root, or list "
+            "the key in paths.allow_outside_root to keep that folder outside on purpose (e.g. checkpoints on a scratch disk)."
+        )
+    return params.model_copy(update={"paths": paths})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -114,7 +124,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {item!r}: empty key")
-    return parts, yaml.safe_load(value) if value.strip() else ""
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        where = f" at column {exc.problem_mark.column + 1}" if getattr(exc, "problem_mark", None) else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {item!r}: the value {value!r} for {'.'.join(parts)} is not valid YAML ({problem}{where}); "
+            f"quote a string value: --set '{'.'.join(parts)}=\"...\"'"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -133,33 +151,46 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
-    """params.yaml at `path` (plus `overrides`), with every path resolved against the folder that holds it."""
-    path = Path(path)
+def _read_raw(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: not found. Run from the repository root, or pass --params PATH.")
+    return _parse_yaml(path.read_text(), path)
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return parse_params(apply_overrides(raw, overrides or []), source=str(path), root=path.resolve().parent)
+    return raw
+
+
+def load_params(path: Path | str = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """params.yaml at `path` (plus `overrides`), with every path resolved against the folder that holds it."""
+    path = Path(path)
+    return parse_params(apply_overrides(_read_raw(path), overrides or []), source=str(path), root=path.resolve().parent)
 
 
 def write_overrides(path: Path, overrides: list[str]) -> None:
-    """Write --set overrides into params.yaml, keeping its comments, so DVC sees the new params.
+    """Write --set overrides into params.yaml for good, keeping its comments, so DVC sees the new params.
 
-    This is what `dvc exp run --set-param` does too: DVC tracks params by file content.
+    This is what `dvc exp run --set-param` does too: DVC tracks params by file content, so `dvc repro` later reproduces
+    the run and dvc.lock matches params.yaml. The new text is validated whole (it must load to exactly the params the
+    overrides describe) before one atomic rename: a bad override leaves the file byte for byte as it was.
     """
+    import io
+
     from ruamel.yaml import YAML
 
     from llmops.common.io import atomic_write_bytes
 
-    load_params(path, overrides)  # validate first: never write a params.yaml that does not load
+    path = Path(path)
+    expected = load_params(path, overrides)
     ryaml = YAML()
     ryaml.preserve_quotes = True
-    doc = ryaml.load(Path(path).read_text())
+    doc = ryaml.load(path.read_text()) or {}
     for item in overrides:
         parts, value = parse_override(item)
         node = doc
@@ -168,8 +199,9 @@ def write_overrides(path: Path, overrides: list[str]) -> None:
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
-    import io
-
     buf = io.StringIO()
     ryaml.dump(doc, buf)
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
+    written = parse_params(_parse_yaml(buf.getvalue(), path), source=str(path), root=path.resolve().parent)
+    if written != expected:
+        raise ConfigError(f"{path}: writing {' '.join(overrides)} would not give the params they describe; the file is left as it was")
+    atomic_write_bytes(path, buf.getvalue().encode())

@@ -4,6 +4,9 @@ From the version's lineage tags: `git worktree add` at `llmops.git_commit`, para
 the committed one differs from `llmops.params_md5`, every cached DVC output restored to its `llmops.dvc.<path>` md5
 (`dvc checkout` from the shared cache, else `dvc pull` from the default remote; a version found in neither is a
 ReproduceError naming the path and md5), then `dvc repro --force --single-item` for pretrain, finetune and evaluate.
+DVC trusts its cache, so every object a version restores from is hashed first (a cache file changed in place is a
+ReproduceError naming the file, the expected and the actual md5, and nothing is checked out), and every file checked
+out is hashed again against its recorded md5.
 Each deterministic metric of those stages is compared with the registered runs' `metrics/<stage>.json` artifacts, and
 each output they wrote (models, adapter, reports) with the md5 the version was registered with.
 """
@@ -94,6 +97,33 @@ def cache_has(cache: Path, md5: str) -> bool:
     return True
 
 
+def _check_md5(file: Path, expected: str, what: str) -> None:
+    actual = file_md5(file) if file.is_file() else "(missing)"
+    if actual != expected:
+        raise ReproduceError(
+            f"{what}: {file} has md5 {actual}, expected {expected} (recorded for this data version). The DVC cache was changed in "
+            "place or is damaged: delete that cache file and `dvc pull` it from the remote, or re-run the stage that wrote it."
+        )
+
+
+def verify_cached(cache: Path, path: str, md5: str) -> None:
+    """Hash every cache object the version `md5` of output `path` restores from (a cache object is named by its md5)."""
+    listing = cache_object(cache, md5)
+    _check_md5(listing, md5.removesuffix(".dir"), f"{path} (the directory listing)" if md5.endswith(".dir") else path)
+    if md5.endswith(".dir"):
+        for entry in json.loads(listing.read_text()):
+            _check_md5(cache_object(cache, entry["md5"]), entry["md5"], f"{path}/{entry['relpath']}")
+
+
+def verify_restored(cache: Path, worktree: Path, path: str, md5: str) -> None:
+    """Hash every file of output `path` as checked out in `worktree` against the md5 recorded for it."""
+    if not md5.endswith(".dir"):
+        _check_md5(worktree / path, md5, f"restored {path}")
+        return
+    for entry in json.loads(cache_object(cache, md5).read_text()):
+        _check_md5(worktree / path / entry["relpath"], entry["md5"], f"restored {path}/{entry['relpath']}")
+
+
 def differing_files(cache: Path, registered: str | None, reproduced: str | None) -> list[str] | None:
     """Files that differ between two versions of a directory output (None when a listing is not in the cache)."""
     if not (registered and reproduced and registered.endswith(".dir") and reproduced.endswith(".dir")):
@@ -131,9 +161,9 @@ def restore_params(worktree: Path, tags: dict[str, str], run_id: str, store: Sto
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="params.yaml", dst_path=tmp))
         except Exception as exc:
             raise ReproduceError(f"params.yaml at the commit differs from llmops.params_md5 {wanted} and the register run {run_id} has no params.yaml artifact: {exc}") from None
+        if (actual := file_md5(local)) != wanted:  # checked before it replaces the commit's params.yaml
+            raise ReproduceError(f"params.yaml artifact of run {run_id} has md5 {actual}, expected llmops.params_md5 {wanted}")
         shutil.copy(local, target)
-    if file_md5(target) != wanted:
-        raise ReproduceError(f"params.yaml artifact of run {run_id} does not match llmops.params_md5 {wanted}")
     return f"params.yaml from register run {run_id} (the commit's differed)"
 
 
@@ -178,9 +208,13 @@ def restore_data(repo: Path, worktree: Path, versions: dict[str, str], env: dict
                 f"default remote {remote or '(none)'} [{' '.join(remote_url.split())}]. They were garbage-collected or never pushed: "
                 f"`dvc push` from a checkout that still has them, or re-run the pipeline at that commit. dvc pull said: {pulled.stderr.strip()[-400:]}"
             )
+    for path in restored:  # all of them before anything is checked out: a damaged version restores nothing
+        verify_cached(repo_cache, path, versions[path])
     out = _run([sys.executable, "-m", "dvc", "checkout", "--force", *restored], worktree, env)
     if out.returncode != 0:
         raise ReproduceError(f"dvc checkout in {worktree} failed: {out.stderr.strip()[-1500:]}")
+    for path in restored:
+        verify_restored(repo_cache, worktree, path, versions[path])
     return restored
 
 

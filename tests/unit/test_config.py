@@ -70,12 +70,12 @@ def test_write_overrides_refuses_an_invalid_value_and_leaves_the_file_alone(tmp_
 
 
 def test_paths_resolve_from_the_folder_holding_params_yaml_not_the_working_directory(tmp_path, monkeypatch):
-    (tmp_path / "params.yaml").write_text("paths:\n  raw: data/raw\n  metrics: /abs/metrics\n")
+    (tmp_path / "params.yaml").write_text("paths:\n  raw: data/raw\n  metrics: /abs/metrics\n  allow_outside_root: [metrics]\n")
     monkeypatch.chdir("/")
     params = load_params(tmp_path / "params.yaml")
     assert params.paths.root == tmp_path.resolve()
     assert params.paths.raw == tmp_path.resolve() / "data/raw" and params.paths.tokens == tmp_path.resolve() / "data/tokens"
-    assert str(params.paths.metrics) == "/abs/metrics"  # an absolute path stays as it is
+    assert str(params.paths.metrics) == "/abs/metrics"  # an absolute path stays as it is (outside the root: opted in)
     logged = params.as_params()["paths"]
     assert logged["raw"] == "data/raw" and logged["metrics"] == "/abs/metrics"  # what MLflow and DVC see
 

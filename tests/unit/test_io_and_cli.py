@@ -36,3 +36,9 @@ def test_cli_bad_params_key_fails_fast_naming_it(tmp_path):
     (tmp_path / "params.yaml").write_text("dedup:\n  treshold: 0.5\n")
     out = subprocess.run([str(ROOT / ".venv/bin/llmops"), "stage", "dedup", "--no-track"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 1 and "dedup.treshold" in out.stderr
+
+
+def test_cli_run_help_says_set_values_stay_in_params_yaml():
+    out = subprocess.run([str(ROOT / ".venv/bin/llmops"), "run", "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(out.stdout.replace("│", " ").split())
+    assert "Written into params.yaml and kept there" in text and "for this run" not in text

@@ -1,11 +1,19 @@
-"""llmops/registry/store.py without a model: spec parsing, names, local directories, and the errors for what does not exist."""
+"""llmops/registry without a model: spec parsing, names, local directories, the errors for what does not exist, and how
+reproduce restores (and verifies) a data version from the DVC cache."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from llmops.common.fingerprints import file_md5
+from llmops.registry import reproduce
 from llmops.registry import store as registry
 from llmops.params.load import parse_params
 from llmops.common.errors import RegistryError
@@ -96,3 +104,43 @@ def test_resolve_finds_a_scheme_subdirectory_of_a_local_directory_and_refuses_a_
     assert registry.resolve(str(tmp_path), store, quantized="W8A8").path == tmp_path / "w8a8"
     with pytest.raises(RegistryError, match="no w4a16/ subdirectory"):
         registry.resolve(str(tmp_path / "w8a8"), store, quantized="w4a16")
+
+
+def _dvc_repo_with_a_cached_version(root: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """A git+DVC repository whose one stage wrote a directory and a file into the cache: (repo, versions, env)."""
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    repo = root / "repo"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: mkdir -p out && echo hello > out/a.txt && echo world > out/b.txt && echo one > one.txt\n"
+        "    outs:\n      - out\n      - one.txt\n"
+    )
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], [sys.executable, "-m", "dvc", "repro", "-q"],
+                ["git", "add", "dvc.yaml", ".dvc", ".gitignore"], ["git", "commit", "-qm", "stage"]):  # fmt: skip
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return repo, {o["path"]: o["md5"] for o in lock["stages"]["make"]["outs"]}, env
+
+
+def test_reproduce_refuses_a_cache_object_changed_in_place_and_restores_nothing(tmp_path):
+    repo, versions, env = _dvc_repo_with_a_cached_version(tmp_path)
+    cache = repo / ".dvc" / "cache"
+    listing = json.loads(reproduce.cache_object(cache, versions["out"]).read_text())
+    expected = next(e["md5"] for e in listing if e["relpath"] == "a.txt")
+    damaged = reproduce.cache_object(cache, expected)
+    os.chmod(damaged, 0o644)  # DVC makes cache files read-only; a tool that overwrites them in place does this
+    damaged.write_text("tampered\n")
+    worktree = reproduce.create_worktree(repo, "HEAD", tmp_path / "worktree")
+
+    with pytest.raises(reproduce.ReproduceError) as err:
+        reproduce.restore_data(repo, worktree, versions, env)
+    message = str(err.value)
+    assert "out/a.txt" in message and expected in message and file_md5(damaged) in message
+    assert not (worktree / "out").exists() and not (worktree / "one.txt").exists(), "a damaged version restores nothing"
+
+
+def test_reproduce_restores_an_intact_version_byte_for_byte(tmp_path):
+    repo, versions, env = _dvc_repo_with_a_cached_version(tmp_path)
+    worktree = reproduce.create_worktree(repo, "HEAD", tmp_path / "worktree")
+    assert sorted(reproduce.restore_data(repo, worktree, versions, env)) == ["one.txt", "out"]
+    assert (worktree / "out" / "a.txt").read_text() == "hello\n" and (worktree / "one.txt").read_text() == "one\n"
