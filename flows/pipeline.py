@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from llmops.common import env
+from llmops.common import env, headline
 from llmops.common.accounting import check_accounting, read_stage_metrics
 from llmops.common.errors import ConfigError, StageError
 from llmops.common.repo_lock import RepoLock, describe, repo_lock
@@ -235,6 +235,7 @@ def _run_locked(
     tags = {
         "llmops.pipeline": "true",
         "llmops.git_commit": git_commit(repo),
+        "mlflow.source.git.commit": git_commit(repo),  # MLflow's own field: the run page shows and links it
         "llmops.stages": ",".join(stages),
         "llmops.overrides": ";".join(overrides),
         "prefect.flow_run_id": flow_run_id,
@@ -244,7 +245,8 @@ def _run_locked(
         if deployment.name:
             tags["prefect.deployment"] = str(deployment.name)
     results: dict[str, Any] = {}
-    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
+    name = headline.run_name(str(flow_run.name or ""), overrides)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as parent:
         run_id = parent.info.run_id
         lock.update(mlflow_run_id=run_id)
         # Linked before any stage runs, so a run that fails or crashes still points at its MLflow record.
@@ -269,6 +271,11 @@ def _run_locked(
         accounting = check_accounting(read_stage_metrics(params.paths))
         if accounting:
             mlflow.log_metrics({f"accounting.{k}": v for k, v in accounting.items()})
+        # The numbers that rank pipeline runs, on the parent row of the run table; the summary as its description.
+        summary = headline.headline_metrics(params.paths)
+        if summary:
+            mlflow.log_metrics(summary)
+        mlflow.set_tag("mlflow.note.content", headline.description(results, summary, overrides))
         if params.pipeline.push:
             push_outputs(repo)
     return {"mlflow_run_id": run_id, "stages": results, "accounting": accounting}

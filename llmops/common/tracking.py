@@ -17,6 +17,9 @@ from llmops.common.results import StageResult
 if TYPE_CHECKING:
     from llmops.params.tracking import TrackingConfig
 
+# MLflow 3 opens an experiment on its GenAI (traces) view unless the experiment says it is for model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     """$MLFLOW_TRACKING_URI, else params' uri with a relative sqlite path made absolute against the repository `root`."""
@@ -35,11 +38,13 @@ def setup(cfg: TrackingConfig, root: Path) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     # A local store keeps artifacts in ./mlartifacts; a tracking server decides for itself.
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     location = (Path(root) / cfg.artifact_root).resolve().as_uri() if local else None
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:

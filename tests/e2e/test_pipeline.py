@@ -68,6 +68,24 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     assert {"data_docs", "metrics"} <= artifacts
 
 
+def test_the_parent_run_carries_the_headline_a_name_a_description_and_the_commit(repo):
+    repo, _, _, _ = repo
+    client, runs = mlflow_runs(repo)
+    parent = next(r for r in runs if r.data.tags.get("llmops.pipeline") == "true")
+    evaluate, dedup = metrics(repo, "eval"), metrics(repo, "dedup")
+    assert parent.data.metrics["quality.pass_at_1"] == evaluate["humaneval"]["pass_at_1"]
+    assert parent.data.metrics["quality.perplexity"] == pytest.approx(evaluate["perplexity"]["perplexity"])
+    assert parent.data.metrics["quality.finetune_eval_loss"] == pytest.approx(metrics(repo, "finetune")["eval_loss"])
+    assert parent.data.metrics["data.kept"] == dedup["docs_out"]
+    assert parent.data.metrics["data.duplicates"] == dedup["exact_duplicates"] + dedup["near_duplicates"]
+    assert parent.info.run_name.startswith("pipeline ") and parent.info.run_name != "pipeline "
+    assert parent.data.tags["mlflow.source.git.commit"] == sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    note = parent.data.tags["mlflow.note.content"]
+    assert "**Stages run:** ingest, validate" in note and "| quality.pass_at_1 |" in note
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs, not GenAI traces
+
+
 def test_training_stages_log_per_step_curves_and_the_model_to_mlflow(repo):
     repo, _, _, _ = repo
     client, runs = mlflow_runs(repo)
