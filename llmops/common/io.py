@@ -141,6 +141,53 @@ def write_records(out_dir: Path, table: pa.Table, *, shard_max_bytes: int, prefi
     return shards
 
 
+class ShardWriter:
+    """Write rows as Parquet shards while they stream in: a shard is cut once it holds ~shard_max_bytes of text.
+
+    Memory is one shard's worth of rows, whatever the corpus size. The cut points and files are the ones
+    `write_records` makes for the same rows in the same order (an empty stream still gives one empty shard).
+    """
+
+    def __init__(self, out_dir: Path, *, shard_max_bytes: int, schema: pa.Schema = RECORD_SCHEMA, prefix: str = "part") -> None:
+        self.out_dir, self.shard_max_bytes, self.schema, self.prefix = Path(out_dir), shard_max_bytes, schema, prefix
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shards: list[Path] = []
+        self.rows = 0
+        self.text_bytes = 0  # UTF-8 bytes of every row's text so far
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._bytes = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, column in self._columns.items():
+            column.append(row.get(name))
+        text = row.get("text")
+        n = len(text.encode("utf-8", "surrogatepass")) if text else 0
+        self._bytes += n
+        self.text_bytes += n
+        self.rows += 1
+        if self._bytes >= self.shard_max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.Table.from_pydict(self._columns, schema=self.schema)
+        path = self.out_dir / f"{self.prefix}-{len(self.shards):05d}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        self.shards.append(path)
+        self._columns = {name: [] for name in self.schema.names}
+        self._bytes = 0
+
+    def close(self) -> list[Path]:
+        """Write what is left; the list of shards written."""
+        if self._columns[self.schema.names[0]] or not self.shards:
+            if not self.rows:
+                path = self.out_dir / f"{self.prefix}-00000.parquet"
+                pq.write_table(pa.Table.from_pydict(self._columns, schema=self.schema), path)
+                self.shards.append(path)
+            else:
+                self._flush()
+        return self.shards
+
+
 def read_records(in_dir: Path, prefix: str = "part") -> pa.Table:
     """Read every shard a stage wrote; a missing directory is a clear StageError, not an empty table."""
     in_dir = Path(in_dir)

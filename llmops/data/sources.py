@@ -23,12 +23,13 @@ import pyarrow as pa
 
 from llmops.params.ingest import IngestConfig
 from llmops.common.errors import DataError
-from llmops.common.io import RECORD_SCHEMA, atomic_dir, atomic_write_bytes, write_records
+from llmops.common.io import ShardWriter, atomic_dir, atomic_write_bytes
 from llmops.common.progress import progress
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 SKIPPED_FILE = "skipped.jsonl"
+READ_BATCH_ROWS = 10_000  # rows of an HF dataset taken at a time
 
 
 @dataclass
@@ -119,9 +120,22 @@ def read_text_file(label: str, root: Path, path: Path, data: bytes) -> Iterator[
     yield Record(f"{label}/{rel}", text, f"{label}/{rel}", {"path": rel, "bytes": len(data)}, error)
 
 
-def read_jsonl(label: str, root: Path, path: Path, data: bytes, cfg: IngestConfig, stats: IngestStats) -> Iterator[Record]:
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines without their newline, read as a stream; like bytes.split(b"\\n"), a file ending in a newline
+    (or an empty file) ends with one empty line."""
+    ended_with_newline = True
+    with open(path, "rb") as f:
+        for line in f:
+            ended_with_newline = line.endswith(b"\n")
+            yield line[:-1] if ended_with_newline else line
+    if ended_with_newline:
+        yield b""
+
+
+def read_jsonl(label: str, root: Path, path: Path, cfg: IngestConfig, stats: IngestStats) -> Iterator[Record]:
+    """One record per line, streamed: memory holds one line, whatever the file's size."""
     rel = path.relative_to(root).as_posix()
-    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw_line in enumerate(_lines(path), start=1):
         if not raw_line.strip():
             stats.blank_lines += 1
             continue
@@ -145,7 +159,8 @@ def read_jsonl(label: str, root: Path, path: Path, data: bytes, cfg: IngestConfi
         yield Record(str(rid) if rid is not None else locator, obj[cfg.text_field], locator, meta | extra)
 
 
-def read_table(label: str, rel: str, table: pa.Table, cfg: IngestConfig) -> Iterator[Record]:
+def read_table(label: str, rel: str, table: pa.Table | pa.RecordBatch, cfg: IngestConfig, first_row: int = 0) -> Iterator[Record]:
+    """Records of one table or batch whose first row is row `first_row` of the file (row numbers name the records)."""
     if cfg.text_field not in table.column_names:
         raise DataError(
             f"{rel}: no column '{cfg.text_field}' (columns: {', '.join(table.column_names)}). "
@@ -153,7 +168,7 @@ def read_table(label: str, rel: str, table: pa.Table, cfg: IngestConfig) -> Iter
         )
     texts = table.column(cfg.text_field).to_pylist()
     ids = table.column(cfg.id_field).to_pylist() if cfg.id_field in table.column_names else [None] * len(texts)
-    for row, (text, rid) in enumerate(zip(texts, ids, strict=True)):
+    for row, (text, rid) in enumerate(zip(texts, ids, strict=True), start=first_row):
         locator = f"{label}/{rel}:{row}"
         error = None if text is None or isinstance(text, str) else f"row {row}: '{cfg.text_field}' is {type(text).__name__}, not text"
         yield Record(str(rid) if rid is not None else locator, text if isinstance(text, str) else None, locator, {"path": rel, "row": row}, error)
@@ -166,7 +181,22 @@ def read_hf_dataset(label: str, path: Path, cfg: IngestConfig) -> Iterator[Recor
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
     for split, ds in splits:
         rel = f"{path.name}/{split}" if split else path.name
-        yield from read_table(label, rel, ds.data.table, cfg)
+        first = 0
+        for batch in ds.data.table.to_batches(max_chunksize=READ_BATCH_ROWS):  # memory-mapped Arrow: a batch at a time
+            yield from read_table(label, rel, batch, cfg, first)
+            first += batch.num_rows
+
+
+def read_parquet(label: str, rel: str, path: Path, cfg: IngestConfig) -> Iterator[Record]:
+    """Records of a Parquet file, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    first = 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        yield from read_table(label, rel, table, cfg, first)
+        first += table.num_rows
 
 
 def iter_records(cfg: IngestConfig, stats: IngestStats, root: Path) -> Iterator[Record]:
@@ -186,73 +216,81 @@ def iter_records(cfg: IngestConfig, stats: IngestStats, root: Path) -> Iterator[
             yield from read_hf_dataset(label, path, cfg)
             continue
         rel = path.relative_to(base).as_posix()
+        streamed = path.suffix in JSONL_SUFFIXES or path.suffix in PARQUET_SUFFIXES
         try:
             size = path.stat().st_size
-            if size > cfg.max_file_bytes:
+            # A JSONL or Parquet corpus is read as a stream, whatever its size; a text/code file is one record.
+            if not streamed and size > cfg.max_file_bytes:
                 stats.skipped.append({"path": shown(path), "reason": f"larger than ingest.max_file_bytes ({size} > {cfg.max_file_bytes})"})
                 continue
-            data = path.read_bytes() if path.suffix not in PARQUET_SUFFIXES else b""
+            if path.suffix in PARQUET_SUFFIXES:
+                pq.ParquetFile(path)  # the footer: a file that is not Parquet is skipped before any record
+            data = b"" if streamed else path.read_bytes()
         except OSError as exc:
             stats.skipped.append({"path": shown(path), "reason": f"unreadable: {exc.strerror or exc}"})
+            continue
+        except pa.ArrowException as exc:
+            stats.skipped.append({"path": shown(path), "reason": f"not a readable Parquet file: {exc}"})
             continue
         stats.files_read += 1
         stats.bytes_read += size
         if path.suffix in JSONL_SUFFIXES:
-            yield from read_jsonl(label, base, path, data, cfg, stats)
+            yield from read_jsonl(label, base, path, cfg, stats)
         elif path.suffix in PARQUET_SUFFIXES:
-            try:
-                table = pq.read_table(path)
-            except (OSError, pa.ArrowException) as exc:
-                stats.skipped.append({"path": shown(path), "reason": f"not a readable Parquet file: {exc}"})
-                continue
-            yield from read_table(label, rel, table, cfg)
+            yield from read_parquet(label, rel, path, cfg)
         else:
             yield from read_text_file(label, base, path, data)
 
 
-def records_to_table(records: list[Record]) -> pa.Table:
-    return pa.Table.from_pydict(
-        {
-            "id": [r.id for r in records],
-            "text": [r.text for r in records],
-            "source": [r.source for r in records],
-            "meta": [json.dumps(r.meta, sort_keys=True, default=str) for r in records],
-            "ingest_error": [r.ingest_error for r in records],
-        },
-        schema=RECORD_SCHEMA,
-    )
+def record_row(r: Record) -> dict[str, Any]:
+    """A record as a row of RECORD_SCHEMA."""
+    return {"id": r.id, "text": r.text, "source": r.source, "meta": json.dumps(r.meta, sort_keys=True, default=str), "ingest_error": r.ingest_error}
+
+
+def failure_listing(raw_dir: Path) -> Path:
+    """Where a failed ingest lists the files it skipped (the stage's own output is never left half-written)."""
+    return Path(raw_dir).with_name(f"{Path(raw_dir).name}-{SKIPPED_FILE}")
 
 
 def ingest(cfg: IngestConfig, raw_dir: Path, root: Path) -> tuple[dict[str, Any], str]:
-    """Read `cfg.source` (relative to `root`) into record shards at `raw_dir` plus `skipped.jsonl`; returns (metrics, summary)."""
+    """Stream `cfg.source` (relative to `root`) into record shards at `raw_dir` plus `skipped.jsonl`; returns (metrics,
+    summary). Memory holds one shard of records (ingest.shard_max_bytes), whatever the corpus size."""
     stats = IngestStats()
-    records = list(iter_records(cfg, stats, root))
-    if not records:
-        raise DataError(
-            f"ingest.source={cfg.source!r}: {stats.files_read} file(s) read but no records in them "
-            f"({len(stats.skipped)} skipped). Nothing to pass downstream."
-        )
-    table = records_to_table(records)
+    errors = 0
+    listing = failure_listing(raw_dir)
     with atomic_dir(Path(raw_dir)) as tmp:
-        shards = write_records(tmp, table, shard_max_bytes=cfg.shard_max_bytes)
+        writer = ShardWriter(tmp, shard_max_bytes=cfg.shard_max_bytes)
+        for record in iter_records(cfg, stats, root):
+            writer.add(record_row(record))
+            errors += record.ingest_error is not None
         skipped_lines = "".join(json.dumps(s) + "\n" for s in stats.skipped)
+        if not writer.rows:
+            atomic_write_bytes(listing, skipped_lines.encode())
+            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in stats.skipped[:3])
+            more = f" (and {len(stats.skipped) - 3} more)" if len(stats.skipped) > 3 else ""
+            raise DataError(
+                f"ingest.source={cfg.source!r}: {stats.files_read} file(s) read but no records in them "
+                f"({len(stats.skipped)} skipped{': ' + reasons + more if reasons else ''}). Nothing to pass downstream."
+                + (f" Every skipped file with its reason: {listing}" if stats.skipped else "")
+            )
+        shards = writer.close()
         atomic_write_bytes(tmp / SKIPPED_FILE, skipped_lines.encode())
+    listing.unlink(missing_ok=True)
     reasons = Counter(s["reason"].split(":")[0].split(" (")[0] for s in stats.skipped)
-    text_bytes = sum(len(r.text.encode("utf-8", "surrogatepass")) for r in records if r.text)
     metrics = {
-        "docs": len(records),
-        "bytes": text_bytes,
+        "docs": writer.rows,
+        "bytes": writer.text_bytes,
         "files_read": stats.files_read,
         "bytes_read": stats.bytes_read,
         "files_skipped": len(stats.skipped),
         "skipped_by_reason": dict(reasons),
-        "records_with_ingest_error": sum(r.ingest_error is not None for r in records),
+        "records_with_ingest_error": errors,
         "blank_lines": stats.blank_lines,
         "shards": len(shards),
     }
     summary = (
-        f"ingest: {stats.files_read} files ({stats.bytes_read / 1e6:.1f} MB) -> {len(records)} records in "
+        f"ingest: {stats.files_read} files ({stats.bytes_read / 1e6:.1f} MB) -> {writer.rows} records in "
         f"{len(shards)} shard(s) at {raw_dir}; {len(stats.skipped)} file(s) skipped, "
-        f"{metrics['records_with_ingest_error']} record(s) flagged for quarantine"
+        f"{errors} record(s) flagged for quarantine"
     )
     return metrics, summary

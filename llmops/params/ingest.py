@@ -12,5 +12,5 @@ class IngestConfig(Section):
     text_field: str = "text"  # column/key that holds the text in JSONL, Parquet and HF datasets
     id_field: str = "id"  # column/key with a stable id; absent = derived from source path + row
     file_glob: str = "**/*.py"  # files taken when `source` is a directory
-    max_file_bytes: int = Field(50_000_000, gt=0)  # larger files are skipped and listed, not read
+    max_file_bytes: int = Field(50_000_000, gt=0)  # a text/code file (one record) larger than this is skipped and listed; JSONL/Parquet/HF stream at any size
     shard_max_bytes: int = Field(16_000_000, gt=0)

@@ -127,3 +127,45 @@ def test_output_replaces_the_previous_shards_atomically(tmp_path):
     _, records, out = ingest_dir(tmp_path, source=str(src))
     assert list(records) == ["only"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]
+
+
+def test_a_jsonl_or_parquet_corpus_larger_than_max_file_bytes_is_streamed_not_skipped(tmp_path):
+    import pyarrow as pa
+
+    rows = [{"id": f"r{i}", "text": f"def f{i}():\n    return {i}\n"} for i in range(300)]
+    src = write_jsonl(tmp_path / "in" / "big.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows[:100]), tmp_path / "in" / "big.parquet", row_group_size=7)
+    assert src.stat().st_size > 1000
+    result, records, out = ingest_dir(tmp_path, source=str(tmp_path / "in" / "big.*"), max_file_bytes=1000, shard_max_bytes=2000)
+    assert result.metrics["files_skipped"] == 0 and result.metrics["docs"] == 400
+    assert records["r299"]["text"] == rows[299]["text"]
+    metas = [json.loads(r["meta"]) for r in read_records(out).to_pylist() if r["source"].endswith("big.parquet:99")]
+    assert metas and metas[0]["row"] == 99  # row numbers run on across row groups
+    assert result.metrics["shards"] > 3  # cut while streaming, by shard_max_bytes
+
+
+def test_a_failed_ingest_names_the_skip_reasons_and_lists_them_beside_the_output(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "in" / name).write_text("x = 1\n" * 100)
+    with pytest.raises(DataError, match=r"2 skipped: in/a.py: larger than ingest.max_file_bytes \(600 > 100\)") as err:
+        ingest.run(IngestConfig(source="in", max_file_bytes=100), project_paths(tmp_path, raw="data/raw"))
+    listing = tmp_path / "data" / "raw-skipped.jsonl"
+    assert str(listing) in str(err.value)
+    assert [json.loads(line)["path"] for line in listing.read_text().splitlines()] == ["in/a.py", "in/b.py"]
+    assert not (tmp_path / "data" / "raw").exists()  # no partial output
+
+
+def test_shard_writer_cuts_where_write_records_does(tmp_path):
+    import pyarrow as pa
+
+    from llmops.common.io import RECORD_SCHEMA, ShardWriter, write_records
+
+    rows = [{"id": str(i), "text": "x" * (i % 17 * 50), "source": "s", "meta": "{}", "ingest_error": None} for i in range(200)]
+    whole = write_records(tmp_path / "a", pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), shard_max_bytes=1500)
+    writer = ShardWriter(tmp_path / "b", shard_max_bytes=1500)
+    for row in rows:
+        writer.add(row)
+    streamed = writer.close()
+    assert [p.name for p in whole] == [p.name for p in streamed] and len(whole) > 5
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(whole, streamed, strict=True))
