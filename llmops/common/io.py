@@ -93,6 +93,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     except StageError as exc:
         raise StageError(f"{exc} The new output is left at {tmp}.") from None
     (Path(tmp) / OUTPUT_MARKER).write_bytes(OUTPUT_MARKER_TEXT)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # a mkdtemp directory is 0700; outputs are shared like any other folder
     if final.exists():
         # Rename the old one aside first so `final` is never a mix of old and new files.
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -188,8 +189,8 @@ class ShardWriter:
         return self.shards
 
 
-def read_records(in_dir: Path, prefix: str = "part") -> pa.Table:
-    """Read every shard a stage wrote; a missing directory is a clear StageError, not an empty table."""
+def record_shards(in_dir: Path, prefix: str = "part") -> list[Path]:
+    """The shards a stage wrote, in order; a missing or empty directory is a clear StageError, not an empty list."""
     in_dir = Path(in_dir)
     shards = sorted(in_dir.glob(f"{prefix}-*.parquet"))
     if not shards:
@@ -197,4 +198,9 @@ def read_records(in_dir: Path, prefix: str = "part") -> pa.Table:
             f"{in_dir}: no {prefix}-*.parquet shards found. Run the upstream stage first "
             f"(`dvc repro` or `llmops run`)."
         )
-    return pa.concat_tables([pq.read_table(p) for p in shards])
+    return shards
+
+
+def read_records(in_dir: Path, prefix: str = "part") -> pa.Table:
+    """Read every shard a stage wrote into one table (small inputs only: the streaming stages use record_shards)."""
+    return pa.concat_tables([pq.read_table(p) for p in record_shards(in_dir, prefix)])

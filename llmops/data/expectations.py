@@ -18,8 +18,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
+from llmops.common.progress import progress
 from llmops.params.validate import ValidateConfig
-from llmops.common.io import atomic_dir
 
 # Control characters that do not belong in text or code (tab, newline, CR and form feed do).
 CONTROL_CHARS_RE = "[\x01-\x08\x0b\x0e-\x1f\x7f]"
@@ -126,6 +127,42 @@ def split_by_failures(table: pa.Table, failures: dict[int, list[str]]) -> tuple[
         "failed_expectations", pa.array([json.dumps(failures[int(p)]) for p in positions], type=pa.string())
     )
     return validated, quarantined
+
+
+QUARANTINE_SCHEMA = RECORD_SCHEMA.append(pa.field("failed_expectations", pa.string()))
+
+
+def validate_shards(
+    shards: list[Path], cfg: ValidateConfig, docs_dir: Path, valid_dir: Path, quarantine_dir: Path
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """The suite over every record of `shards`, streamed: (records in, quarantined, per-expectation results).
+
+    Two passes over the shards. The first profiles one shard at a time; the suite then runs once on the profile of
+    the whole corpus (a few numbers per record, ~1-2% of the text), so Data Docs, per-expectation counts and the
+    uniqueness of ids cover the whole corpus. The second pass splits each shard into `valid_dir` and
+    `quarantine_dir` (each record that failed carries the names of what it failed) through shard writers: memory
+    holds the profile and one shard, never the corpus. The output directories must be temp directories (atomic_dir).
+    """
+    import pyarrow.parquet as pq
+
+    profiles = [profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"])) for shard in progress(shards, desc="validate: profiling", unit="shard")]
+    profile = pd.concat(profiles, ignore_index=True) if profiles else profile_records(RECORD_SCHEMA.empty_table())
+    with atomic_dir(Path(docs_dir)) as docs_tmp:
+        per_expectation, failures = run_suite(profile, cfg, docs_tmp)
+    valid = ShardWriter(valid_dir, shard_max_bytes=cfg.shard_max_bytes)
+    quarantine = ShardWriter(quarantine_dir, shard_max_bytes=cfg.shard_max_bytes, schema=QUARANTINE_SCHEMA)
+    offset = 0
+    for shard in progress(shards, desc="validate: splitting", unit="shard"):
+        table = pq.read_table(shard)
+        for position, row in enumerate(table.to_pylist(), start=offset):
+            if position in failures:
+                quarantine.add(row | {"failed_expectations": json.dumps(failures[position])})
+            else:
+                valid.add(row)
+        offset += table.num_rows
+    valid.close()
+    quarantine.close()
+    return len(profile), quarantine.rows, per_expectation
 
 
 def validate_records(table: pa.Table, cfg: ValidateConfig, docs_dir: Path) -> tuple[pa.Table, pa.Table, list[dict[str, Any]]]:
