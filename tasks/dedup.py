@@ -3,53 +3,73 @@
 Writes the kept records to data/dedup/ and every removed record, with the id of the record
 kept in its place, the kind (exact/near) and the estimated Jaccard similarity, to
 data/duplicates/ (the cluster report): nothing is lost, and in = kept + duplicates.
+
+Shards stream through in two passes: the first indexes each shard in a worker process (ids, exact keys, MinHash
+signatures; no text is kept), the LSH and the clusters run on that index, and the second pass splits each shard
+into kept and removed records through shard writers. Memory holds the index (about num_perm * 4 bytes per
+document) and one shard, never the corpus. The signatures of the kept documents are written beside them
+(minhash.npy + minhash.json) for anything that later asks "is this near a training document?".
 """
 
 from __future__ import annotations
 
-import pyarrow as pa
+import json
 
-from llmops.common.io import atomic_dir, read_records, write_records
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, record_shards
+from llmops.common.progress import progress
 from llmops.common.results import StageResult
-from llmops.data.minhash import find_duplicates, lsh_bands
+from llmops.data.minhash import find_duplicates_in, index_shards, lsh_bands
 from llmops.params.dedup import DedupConfig
 from llmops.params.paths import PathsConfig
 
+REPORT_SCHEMA = RECORD_SCHEMA.append(pa.field("duplicate_of", pa.string())).append(pa.field("kind", pa.string())).append(pa.field("similarity", pa.float64()))
+SIGNATURES_FILE, SIGNATURES_META = "minhash.npy", "minhash.json"
+
 
 def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
-    table = read_records(paths.validated)
-    texts = table.column("text").to_pylist()
-    removed = find_duplicates(cfg, texts)
-    ids = table.column("id").to_pylist()
-    keep_mask = pa.array([i not in removed for i in range(table.num_rows)])
-    kept = table.filter(keep_mask)
-    order = sorted(removed)
-    report = table.take(pa.array(order, type=pa.int64()))
-    report = (
-        report.append_column("duplicate_of", pa.array([ids[removed[i][0]] for i in order], type=pa.string()))
-        .append_column("kind", pa.array([removed[i][1] for i in order], type=pa.string()))
-        .append_column("similarity", pa.array([removed[i][2] for i in order], type=pa.float64()))
-    )
-    with atomic_dir(paths.duplicates) as tmp:
-        write_records(tmp, report, shard_max_bytes=cfg.shard_max_bytes)
-    with atomic_dir(paths.dedup) as tmp:
-        write_records(tmp, kept, shard_max_bytes=cfg.shard_max_bytes)
+    shards = record_shards(paths.validated)
+    index = index_shards(cfg, shards)
+    removed = find_duplicates_in(cfg, index)
+    n = len(index.ids)
+    with atomic_dir(paths.duplicates) as report_tmp, atomic_dir(paths.dedup) as kept_tmp:
+        kept = ShardWriter(kept_tmp, shard_max_bytes=cfg.shard_max_bytes)
+        report = ShardWriter(report_tmp, shard_max_bytes=cfg.shard_max_bytes, schema=REPORT_SCHEMA)
+        position = 0
+        for shard in progress(shards, desc="dedup: writing", unit="shard"):
+            for row in pq.read_table(shard).to_pylist():
+                if position in removed:
+                    first, kind, sim = removed[position]
+                    report.add(row | {"duplicate_of": index.ids[first], "kind": kind, "similarity": sim})
+                else:
+                    kept.add(row)
+                position += 1
+        kept.close()
+        report.close()
+        keep = np.ones(n, dtype=bool)
+        keep[list(removed)] = False
+        with open(kept_tmp / SIGNATURES_FILE, "wb") as f:
+            np.save(f, index.sigs[keep])
+        meta = {"engine": cfg.engine, "num_perm": cfg.num_perm, "seed": cfg.seed, "shingle_words": cfg.shingle_words, "rows": int(keep.sum())}
+        atomic_write_bytes(kept_tmp / SIGNATURES_META, (json.dumps(meta, sort_keys=True) + "\n").encode())
     exact = sum(1 for v in removed.values() if v[1] == "exact")
-    bytes_removed = sum(len(texts[i].encode("utf-8", "surrogatepass")) for i in removed)
-    bytes_in = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    bytes_removed = int(index.text_bytes[~keep].sum())
     metrics = {
-        "docs_in": table.num_rows,
-        "docs_out": kept.num_rows,
+        "docs_in": n,
+        "docs_out": int(keep.sum()),
         "exact_duplicates": exact,
         "near_duplicates": len(removed) - exact,
-        "near_duplicate_clusters": len({removed[i][0] for i in removed if removed[i][1] == "near"}),
-        "bytes_in": bytes_in,
+        "near_duplicate_clusters": len({v[0] for v in removed.values() if v[1] == "near"}),
+        "bytes_in": int(index.text_bytes.sum()),
         "bytes_removed": bytes_removed,
         "engine": cfg.engine,
         "lsh_bands": lsh_bands(cfg.threshold, cfg.num_perm),
     }
     summary = (
-        f"dedup: {table.num_rows} records -> {kept.num_rows} kept at {paths.dedup}; removed {exact} exact + "
+        f"dedup: {n} records -> {metrics['docs_out']} kept at {paths.dedup}; removed {exact} exact + "
         f"{metrics['near_duplicates']} near duplicates ({bytes_removed / 1e6:.2f} MB), report at {paths.duplicates}"
     )
     return StageResult(metrics=metrics, summary=summary)

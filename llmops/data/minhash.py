@@ -1,17 +1,31 @@
-"""Exact (normalized text) and near-duplicate (MinHash LSH, verified by estimated Jaccard) detection: shingles,
-signatures across worker processes, LSH candidate pairs, clusters. The dedup stage and the drift monitor use it."""
+"""Exact (normalized text) and near-duplicate (MinHash LSH, verified by estimated Jaccard) detection over arrays, so it
+runs shard by shard on any corpus size. The dedup stage and the drift monitor use it.
+
+- Signatures: rensa (or datasketch) MinHash of word shingles, one uint32 row of `num_perm` values per document,
+  computed per shard (or per chunk of texts) in worker processes.
+- Exact duplicates: the sha256 of the normalized text; the first occurrence is kept (numpy's unique).
+- LSH: a document's signature cut into `bands` slices; documents with an identical slice in some band are
+  candidates (a sort per band: the "shuffle" by band key), the same candidates rensa's or datasketch's LSH index gives.
+- Verification: estimated Jaccard (share of equal signature values) at or above the threshold.
+- Clusters: connected components of the verified pairs (scipy); each cluster keeps its first document.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
-from llmops.params.dedup import DedupConfig
+import numpy as np
+
 from llmops.common.progress import progress
+from llmops.params.dedup import DedupConfig
 
-SIGNATURE_CHUNK_DOCS = 64
+SIGNATURE_CHUNK_DOCS = 64  # texts per task when signatures of an in-memory list are spread over processes
+SHARD_BATCH_DOCS = 256  # documents of a shard held as shingles at once
+VERIFY_CHUNK_PAIRS = 65_536
 
 
 def normalize(text: str) -> str:
@@ -19,8 +33,8 @@ def normalize(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip().splitlines())
 
 
-def exact_key(text: str) -> str:
-    return hashlib.sha256(normalize(text).encode("utf-8", "surrogatepass")).hexdigest()
+def exact_key(text: str) -> bytes:
+    return hashlib.sha256(normalize(text).encode("utf-8", "surrogatepass")).digest()
 
 
 def word_shingles(text: str, n: int) -> list[str]:
@@ -48,93 +62,195 @@ def lsh_bands(threshold: float, num_perm: int) -> int:
     )
 
 
-def _signatures(engine: str, texts: list[str], shingle_words: int, num_perm: int, seed: int) -> list[Any]:
+def digest_matrix(engine: str, texts: list[str], shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures of `texts` as a (len(texts), num_perm) uint32 matrix."""
     shingle_sets = [word_shingles(t, shingle_words) for t in texts]
+    if not texts:
+        return np.zeros((0, num_perm), dtype=np.uint32)
     if engine == "rensa":
         from rensa import RMinHash
 
-        return RMinHash.from_token_sets(shingle_sets, num_perm=num_perm, seed=seed)
-    from datasketch import LeanMinHash, MinHash
+        return np.array([m.digest() for m in RMinHash.from_token_sets(shingle_sets, num_perm=num_perm, seed=seed)], dtype=np.uint32)
+    from datasketch import MinHash
 
     minhashes = MinHash.bulk([[s.encode("utf-8", "surrogatepass") for s in ss] for ss in shingle_sets], num_perm=num_perm, seed=seed)
-    return [LeanMinHash(m) for m in minhashes]
+    return np.array([m.hashvalues for m in minhashes], dtype=np.uint32)  # datasketch's values are below 2**32
 
 
-def signatures(cfg: DedupConfig, texts: list[str]) -> list[Any]:
-    """MinHash signatures for `texts`, computed in chunks across worker processes (shingling is Python-bound)."""
+def signatures(cfg: DedupConfig, texts: list[str]) -> np.ndarray:
+    """Signatures of an in-memory list of texts, in chunks across worker processes (shingling is Python-bound)."""
     workers = cfg.workers or os.cpu_count() or 1
     chunks = [texts[i : i + SIGNATURE_CHUNK_DOCS] for i in range(0, len(texts), SIGNATURE_CHUNK_DOCS)]
     args = (cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed)
-    out: list[Any] = []
     if workers == 1 or len(chunks) <= 1:
-        for chunk in progress(chunks, desc="dedup: minhash", unit="chunk"):
-            out.extend(_signatures(args[0], chunk, *args[1:]))
-        return out
+        parts = [digest_matrix(args[0], chunk, *args[1:]) for chunk in progress(chunks, desc="dedup: minhash", unit="chunk")]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(digest_matrix, args[0], chunk, *args[1:]) for chunk in chunks]
+            parts = [f.result() for f in progress(futures, desc="dedup: minhash", unit="chunk")]
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), dtype=np.uint32)
+
+
+@dataclass
+class DocIndex:
+    """What dedup needs of each document, without its text: ids, exact keys, signatures, shingles present, size."""
+
+    ids: list[str]
+    keys: np.ndarray  # (n,) S32: sha256 of the normalized text
+    sigs: np.ndarray  # (n, num_perm) uint32
+    has_shingles: np.ndarray  # (n,) bool: documents without words are never near duplicates
+    text_bytes: np.ndarray  # (n,) int64
+
+    @classmethod
+    def of_texts(cls, cfg: DedupConfig, ids: list[str], texts: list[str], sigs: np.ndarray | None = None) -> DocIndex:
+        return cls(
+            ids=list(ids),
+            keys=np.array([exact_key(t) for t in texts], dtype="S32"),
+            sigs=signatures(cfg, texts) if sigs is None else sigs,
+            has_shingles=np.array([bool(t.split()) for t in texts], dtype=bool),
+            text_bytes=np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64),
+        )
+
+    @classmethod
+    def concat(cls, parts: list[DocIndex], num_perm: int) -> DocIndex:
+        if not parts:
+            return cls([], np.zeros(0, "S32"), np.zeros((0, num_perm), np.uint32), np.zeros(0, bool), np.zeros(0, np.int64))
+        return cls(
+            ids=[i for p in parts for i in p.ids],
+            keys=np.concatenate([p.keys for p in parts]),
+            sigs=np.concatenate([p.sigs for p in parts]),
+            has_shingles=np.concatenate([p.has_shingles for p in parts]),
+            text_bytes=np.concatenate([p.text_bytes for p in parts]),
+        )
+
+
+def _shard_keys(shard: Path) -> DocIndex:
+    """Pass 1 on one shard (in a worker): ids, exact keys, shingles present, sizes; no signatures yet."""
+    import pyarrow.parquet as pq
+
+    ids, keys, has, sizes = [], [], [], []
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["id", "text"]):
+        texts = batch.column("text").to_pylist()
+        ids += batch.column("id").to_pylist()
+        keys += [exact_key(t) for t in texts]
+        has += [bool(t.split()) for t in texts]
+        sizes += [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    return DocIndex(ids, np.array(keys, dtype="S32"), np.zeros((0, 0), np.uint32), np.array(has, dtype=bool), np.array(sizes, dtype=np.int64))
+
+
+def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
+    """Pass 2 on one shard (in a worker): signatures of the rows in `wanted` (a bool mask), zeros elsewhere."""
+    import pyarrow.parquet as pq
+
+    sigs = np.zeros((len(wanted), num_perm), dtype=np.uint32)
+    start = 0
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"]):
+        rows = np.flatnonzero(wanted[start : start + batch.num_rows])
+        if len(rows):
+            texts = batch.column("text").take(rows).to_pylist()
+            sigs[start + rows] = digest_matrix(engine, texts, shingle_words, num_perm, seed)
+        start += batch.num_rows
+    return sigs
+
+
+def _map(workers: int, fn, jobs: list[tuple], desc: str) -> list:
+    """fn(*job) for each job, in order, in up to `workers` processes."""
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [fn(*job) for job in progress(jobs, desc=desc, unit="shard")]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_signatures, args[0], chunk, *args[1:]) for chunk in chunks]
-        for future in progress(futures, desc="dedup: minhash", unit="chunk"):
-            out.extend(future.result())
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in progress(futures, desc=desc, unit="shard")]
+
+
+def index_shards(cfg: DedupConfig, shards: list[Path]) -> DocIndex:
+    """The DocIndex of every shard, in order, shard by shard in `cfg.workers` processes. Signatures are computed only
+    for documents that can be near duplicates (the first of their exact key, with words); the others get zeros."""
+    workers = cfg.workers or os.cpu_count() or 1
+    parts = _map(workers, _shard_keys, [(s,) for s in shards], "dedup: exact keys")
+    index = DocIndex.concat(parts, cfg.num_perm)
+    n = len(index.ids)
+    wanted = (exact_firsts(index.keys) == np.arange(n)) & index.has_shingles
+    offsets = np.cumsum([0] + [len(p.ids) for p in parts])
+    jobs = [(s, wanted[offsets[k] : offsets[k + 1]], cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed) for k, s in enumerate(shards)]
+    sigs = _map(workers, _shard_signatures, jobs, "dedup: minhash")
+    index.sigs = np.concatenate(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
+    return index
+
+
+def exact_firsts(keys: np.ndarray) -> np.ndarray:
+    """For each position, the position of the first document with the same exact key (itself when it is the first)."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
+
+
+def candidate_pairs(sigs: np.ndarray, positions: np.ndarray, bands: int) -> np.ndarray:
+    """(i, j) positions, i < j, of documents in `positions` whose signatures agree on a whole band (unique, sorted)."""
+    rows = sigs.shape[1] // bands
+    found = []
+    for band in range(bands):
+        slices = np.ascontiguousarray(sigs[positions, band * rows : (band + 1) * rows]).view(np.dtype((np.void, rows * 4))).reshape(-1)
+        order = np.argsort(slices, kind="stable")
+        ordered = slices[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        ends = np.r_[starts[1:], len(ordered)]
+        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+            members = np.sort(positions[order[start:end]])
+            i, j = np.triu_indices(len(members), k=1)
+            found.append(np.stack([members[i], members[j]], axis=1))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+
+
+def similarity(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of each pair: the share of equal signature values."""
+    out = np.empty(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), VERIFY_CHUNK_PAIRS):
+        chunk = pairs[start : start + VERIFY_CHUNK_PAIRS]
+        out[start : start + len(chunk)] = (sigs[chunk[:, 0]] == sigs[chunk[:, 1]]).mean(axis=1)
     return out
 
 
-def near_duplicate_pairs(cfg: DedupConfig, sigs: list[Any], has_shingles: list[bool]) -> list[tuple[int, int, float]]:
-    """(i, j, estimated Jaccard) for LSH candidates i < j verified to be at or above the threshold."""
-    bands = lsh_bands(cfg.threshold, cfg.num_perm)
-    if cfg.engine == "rensa":
-        from rensa import RMinHashLSH
-
-        lsh = RMinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, num_bands=bands)
-    else:
-        from datasketch import MinHashLSH
-
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(bands, cfg.num_perm // bands))
-    for i, sig in enumerate(sigs):
-        if has_shingles[i]:
-            lsh.insert(i, sig)
-    pairs = []
-    for i, sig in enumerate(progress(sigs, desc="dedup: lsh query", unit="doc")):
-        if not has_shingles[i]:
-            continue
-        for j in lsh.query(sig):
-            if j > i:
-                similarity = float(sig.jaccard(sigs[j]))
-                if similarity >= cfg.threshold:
-                    pairs.append((i, j, similarity))
-    return pairs
+def near_duplicate_pairs(cfg: DedupConfig, sigs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Verified near-duplicate pairs among `positions`: (pairs (i, j) with i < j, their estimated Jaccard)."""
+    pairs = candidate_pairs(sigs, positions, lsh_bands(cfg.threshold, cfg.num_perm))
+    sims = similarity(sigs, pairs)
+    keep = sims >= cfg.threshold
+    return pairs[keep], sims[keep]
 
 
-def clusters_keep_first(n: int, pairs: list[tuple[int, int, float]]) -> list[int]:
-    """Union-find over verified pairs; each record maps to its cluster's lowest index (the one kept)."""
-    parent = list(range(n))
+def clusters_keep_first(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of the pairs over n positions; each position maps to its component's lowest position."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    if not len(pairs):
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    lowest = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(lowest, labels, np.arange(n, dtype=np.int64))
+    return lowest[labels]
 
-    for i, j, _ in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return [find(i) for i in range(n)]
+
+def find_duplicates_in(cfg: DedupConfig, index: DocIndex) -> dict[int, tuple[int, str, float]]:
+    """Map each removed position -> (kept position, 'exact' | 'near', similarity to the kept record)."""
+    n = len(index.ids)
+    firsts = exact_firsts(index.keys)
+    removed: dict[int, tuple[int, str, float]] = {int(i): (int(firsts[i]), "exact", 1.0) for i in np.flatnonzero(firsts != np.arange(n))}
+    survivors = np.flatnonzero((firsts == np.arange(n)) & index.has_shingles)
+    pairs, _ = near_duplicate_pairs(cfg, index.sigs, survivors)
+    roots = clusters_keep_first(n, pairs)
+    near = np.flatnonzero(roots != np.arange(n))
+    if len(near):
+        sims = similarity(index.sigs, np.stack([near, roots[near]], axis=1))
+        removed.update({int(i): (int(roots[i]), "near", float(s)) for i, s in zip(near, sims, strict=True)})
+    return removed
 
 
 def find_duplicates(cfg: DedupConfig, texts: list[str]) -> dict[int, tuple[int, str, float]]:
-    """Map each removed position -> (kept position, 'exact' | 'near', similarity to the kept record)."""
-    removed: dict[int, tuple[int, str, float]] = {}
-    first_by_key: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        kept = first_by_key.setdefault(exact_key(text), i)
-        if kept != i:
-            removed[i] = (kept, "exact", 1.0)
-    survivors = [i for i in range(len(texts)) if i not in removed]
-    survivor_texts = [texts[i] for i in survivors]
-    sigs = signatures(cfg, survivor_texts)
-    has_shingles = [bool(t.split()) for t in survivor_texts]
-    pairs = near_duplicate_pairs(cfg, sigs, has_shingles)
-    roots = clusters_keep_first(len(survivors), pairs)
-    for local, root in enumerate(roots):
-        if root != local:
-            removed[survivors[local]] = (survivors[root], "near", float(sigs[local].jaccard(sigs[root])))
-    return removed
+    """find_duplicates_in for an in-memory list of texts."""
+    return find_duplicates_in(cfg, DocIndex.of_texts(cfg, [str(i) for i in range(len(texts))], texts))

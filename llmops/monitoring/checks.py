@@ -79,9 +79,9 @@ def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: 
     exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
     texts = train_texts + batch_texts
     sigs = signatures(cfg, texts)
-    pairs = near_duplicate_pairs(cfg, sigs, [bool(t.split()) for t in texts])
+    pairs, _ = near_duplicate_pairs(cfg, sigs, np.flatnonzero([bool(t.split()) for t in texts]))
     n = len(train_texts)
-    near = {j - n for i, j, _ in pairs if i < n <= j}
+    near = {int(j) - n for i, j in pairs if i < n <= j}
     return len(exact | near) / len(batch_texts)
 
 

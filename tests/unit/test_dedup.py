@@ -82,3 +82,48 @@ def test_stage_writes_kept_records_and_a_report_naming_the_kept_record(tmp_path,
     assert m["docs_in"] == kept + m["exact_duplicates"] + m["near_duplicates"] == len(texts)
     assert m["exact_duplicates"] == 1 and m["near_duplicates"] == len(report) - 1
     assert m["bytes_removed"] == sum(len(r["text"].encode()) for r in report)
+
+
+def test_the_stage_gives_byte_identical_outputs_with_one_or_two_workers_over_many_shards(tmp_path, planted_corpus):
+    import hashlib
+
+    texts, _ = planted_corpus
+    texts = texts + texts[:5]
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(tmp_path / "validated", table, shard_max_bytes=20_000)
+    outputs = []
+    for workers in (1, 2):
+        paths = project_paths(tmp_path, validated="validated", dedup=f"dedup{workers}", duplicates=f"dups{workers}")
+        metrics = dedup.run(DedupConfig(workers=workers, shard_max_bytes=20_000), paths).metrics
+        files = {f"{d.name[:-1]}/{p.name}": hashlib.md5(p.read_bytes()).hexdigest() for d in (paths.dedup, paths.duplicates) for p in sorted(d.iterdir())}
+        outputs.append((metrics, files))
+    assert len(list((tmp_path / "validated").glob("*.parquet"))) > 10  # many shards, so both passes really fan out
+    assert outputs[0] == outputs[1]
+    assert "dedup/minhash.npy" in outputs[0][1] and len(outputs[0][1]) > 5
+
+
+def test_the_kept_documents_signatures_are_written_beside_them(tmp_path, planted_corpus):
+    import json
+
+    import numpy as np
+
+    texts, _ = planted_corpus
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(tmp_path / "validated", table, shard_max_bytes=50_000)
+    cfg = DedupConfig(workers=1)
+    dedup.run(cfg, project_paths(tmp_path, validated="validated", dedup="dedup", duplicates="dups"))
+    kept = read_records(tmp_path / "dedup")
+    sigs = np.load(tmp_path / "dedup" / "minhash.npy")
+    meta = json.loads((tmp_path / "dedup" / "minhash.json").read_text())
+    assert sigs.shape == (kept.num_rows, cfg.num_perm) and meta["rows"] == kept.num_rows and meta["engine"] == cfg.engine
+    first = kept.column("text")[0].as_py()
+    assert np.array_equal(sigs[0], minhash.digest_matrix(cfg.engine, [first], cfg.shingle_words, cfg.num_perm, cfg.seed)[0])
+
+
+def test_connected_components_join_chains_and_keep_the_lowest_position():
+    import numpy as np
+
+    roots = minhash.clusters_keep_first(6, np.array([[3, 5], [1, 3], [2, 4]]))
+    assert roots.tolist() == [0, 1, 2, 1, 2, 1]
