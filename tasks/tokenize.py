@@ -4,56 +4,120 @@ Writes models/tokenizer/ (HF format, loads with AutoTokenizer) and data/tokens/ 
 train.bin / val.bin (flat token ids, EOS between documents), meta.json (dtype, counts and
 the tokenizer's sha256, so a tokenized cache is never reused with another tokenizer) and
 reference_stats.json that the drift monitor compares new data against.
+
+The records stream through shard by shard, three times: ids (the split and the BPE sample), the sampled train
+text into the BPE trainer, then every document into the token files, appended batch by batch. Memory holds a
+batch of documents, the per-document lengths and the unigram counts, never the corpus or its tokens.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from llmops.common.fingerprints import directory_digest
-from llmops.common.io import atomic_dir, atomic_write_json, read_records
+from llmops.common.io import atomic_dir, atomic_write_json, record_shards
+from llmops.common.progress import progress
 from llmops.common.results import StageResult
-from llmops.data.tokenizer import REFERENCE_STATS, encode_and_pack, load_base_tokenizer, reference_stats, split_documents, train_bpe
+from llmops.data.tokenizer import (
+    REFERENCE_STATS,
+    bpe_sample,
+    encode_batch,
+    load_base_tokenizer,
+    reference_stats,
+    token_dtype,
+    train_bpe,
+    validation_mask,
+)
 from llmops.params.model import ModelConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.tokenize import TokenizeConfig
 
 
+def _batches(shards: list[Path], batch_docs: int, columns: list[str]) -> Iterator[tuple[int, dict[str, list]]]:
+    """(position of the batch's first document, its columns) over every shard, in order."""
+    position = 0
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_docs, columns=columns):
+            yield position, {c: batch.column(c).to_pylist() for c in columns}
+            position += batch.num_rows
+
+
+def _sizes(shards: list[Path], batch_docs: int) -> tuple[list[str], np.ndarray]:
+    import pyarrow.compute as pc
+
+    ids, sizes = [], []
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_docs, columns=["id", "text"]):
+            ids += batch.column("id").to_pylist()
+            sizes.append(pc.binary_length(batch.column("text").fill_null("")).to_numpy(zero_copy_only=False))
+    return ids, np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
+
+
 def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageResult:
     tokens_dir, tokenizer_dir = paths.tokens, paths.tokenizer
-    table = read_records(paths.dedup)
-    train_texts, val_texts = split_documents(table.column("id").to_pylist(), table.column("text").to_pylist(), cfg)
+    shards = record_shards(paths.dedup)
+    ids, sizes = _sizes(shards, cfg.batch_docs)
+    is_val = validation_mask(ids, cfg)
+    sample = bpe_sample(ids, sizes, ~is_val, cfg.train_sample_bytes, cfg.split_seed)
+
+    def sampled_texts() -> Iterator[str]:
+        for start, cols in _batches(shards, cfg.batch_docs, ["text"]):
+            yield from (t for k, t in enumerate(cols["text"]) if sample[start + k])
+
     started = time.perf_counter()
-    tokenizer = load_base_tokenizer(model.base_at(paths.root)) if model.base else train_bpe(train_texts, cfg)
+    tokenizer = load_base_tokenizer(model.base_at(paths.root)) if model.base else train_bpe(sampled_texts(), cfg, length=int(sample.sum()))
     train_s = time.perf_counter() - started
     with atomic_dir(tokenizer_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     digest = directory_digest(tokenizer_dir, algorithm="sha256")
+    dtype = token_dtype(tokenizer)
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    lengths: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    tokens = {False: 0, True: 0}
+    chars = 0
     started = time.perf_counter()
-    train_ids, train_lengths = encode_and_pack(tokenizer, train_texts, cfg.batch_docs, "tokenize: train")
-    val_ids, val_lengths = encode_and_pack(tokenizer, val_texts, cfg.batch_docs, "tokenize: val")
-    encode_s = time.perf_counter() - started
-    stats = reference_stats(tokenizer, train_ids, train_lengths, cfg.length_histogram_bins)
-    chars = sum(map(len, train_texts)) + sum(map(len, val_texts))
-    meta = {
-        "dtype": str(train_ids.dtype),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "tokenizer_sha256": digest,
-        "tokenizer_source": model.base or "trained",
-        "train_tokens": int(train_ids.size),
-        "val_tokens": int(val_ids.size),
-        "train_docs": len(train_texts),
-        "val_docs": len(val_texts),
-    }
     with atomic_dir(tokens_dir) as tmp:
-        train_ids.tofile(tmp / "train.bin")
-        val_ids.tofile(tmp / "val.bin")
+        with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
+            out = {False: train_out, True: val_out}
+            total_batches = -(-len(ids) // cfg.batch_docs)
+            for start, cols in progress(_batches(shards, cfg.batch_docs, ["text"]), desc="tokenize: encode", unit="batch", total=total_batches):
+                texts = cols["text"]
+                chars += sum(map(len, texts))
+                side = is_val[start : start + len(texts)]
+                for held_out in (False, True):
+                    chosen = [t for t, v in zip(texts, side, strict=True) if v == held_out]
+                    if not chosen:
+                        continue
+                    packed, doc_lengths = encode_batch(tokenizer, chosen)
+                    packed.tofile(out[held_out])
+                    lengths[held_out].append(doc_lengths)
+                    tokens[held_out] += int(packed.size)
+                    if not held_out:
+                        counts += np.bincount(packed.astype(np.int64), minlength=len(tokenizer))
+        encode_s = time.perf_counter() - started
+        train_lengths = np.concatenate(lengths[False]) if lengths[False] else np.zeros(0, np.int64)
+        stats = reference_stats(tokenizer, None, train_lengths, cfg.length_histogram_bins, counts=counts)
+        meta = {
+            "dtype": str(dtype),
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "tokenizer_sha256": digest,
+            "tokenizer_source": model.base or "trained",
+            "tokenizer_train_docs": 0 if model.base else int(sample.sum()),
+            "tokenizer_train_bytes": 0 if model.base else int(sizes[sample].sum()),
+            "train_tokens": tokens[False],
+            "val_tokens": tokens[True],
+            "train_docs": int((~is_val).sum()),
+            "val_docs": int(is_val.sum()),
+        }
         atomic_write_json(tmp / "meta.json", meta)
         atomic_write_json(tmp / REFERENCE_STATS, stats)
-    total_tokens = int(train_ids.size + val_ids.size)
+    total_tokens = tokens[False] + tokens[True]
     metrics = {
         **{k: v for k, v in meta.items() if k not in ("dtype", "tokenizer_sha256", "tokenizer_source")},
         "tokens": total_tokens,
@@ -66,7 +130,7 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
         "doc_length_tokens_p95": float(np.percentile(train_lengths, 95)) if train_lengths.size else 0.0,
     }
     summary = (
-        f"tokenize: {len(train_texts)} train + {len(val_texts)} val docs -> {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens "
+        f"tokenize: {meta['train_docs']} train + {meta['val_docs']} val docs -> {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens "
         f"(vocab {meta['vocab_size']}, {metrics['tokens_per_s']:,.0f} tokens/s) at {tokens_dir}; tokenizer at {tokenizer_dir}"
     )
     return StageResult(metrics=metrics, summary=summary, artifacts=[tokens_dir / REFERENCE_STATS, tokenizer_dir])

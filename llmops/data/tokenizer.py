@@ -5,6 +5,7 @@ unigrams, unk and byte-fallback rates) that the drift monitor compares new data 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -24,18 +25,40 @@ def is_validation_doc(doc_id: str, val_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
-def split_documents(ids: list[str], texts: list[str], cfg: TokenizeConfig) -> tuple[list[str], list[str]]:
-    train, val = [], []
-    for doc_id, text in zip(ids, texts, strict=True):
-        (val if is_validation_doc(doc_id, cfg.val_fraction, cfg.split_seed) else train).append(text)
-    if not val and len(train) > 1:
-        val.append(train.pop())  # a tiny corpus still gets a held-out document
-    if not train:
+def validation_mask(ids: list[str], cfg: TokenizeConfig) -> np.ndarray:
+    """Which documents are held out (by a hash of the id); a tiny corpus with none still gets its last train document."""
+    mask = np.array([is_validation_doc(doc_id, cfg.val_fraction, cfg.split_seed) for doc_id in ids], dtype=bool)
+    if not mask.any() and len(mask) > 1:
+        mask[-1] = True
+    if mask.all():
         raise DataError(f"tokenize: {len(ids)} document(s) leave nothing to train on; lower tokenize.val_fraction or add data.")
-    return train, val
+    return mask
 
 
-def train_bpe(texts: list[str], cfg: TokenizeConfig) -> Any:
+def split_documents(ids: list[str], texts: list[str], cfg: TokenizeConfig) -> tuple[list[str], list[str]]:
+    mask = validation_mask(ids, cfg)
+    return [t for t, v in zip(texts, mask, strict=True) if not v], [t for t, v in zip(texts, mask, strict=True) if v]
+
+
+def bpe_sample(ids: list[str], sizes: np.ndarray, candidates: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """The documents the BPE learns from: candidates in the order of a hash of their id, taken while the bytes fit
+    `budget` (0 = all); a mask over every document, so the sample is the same whatever the shard layout."""
+    chosen = np.zeros(len(ids), dtype=bool)
+    positions = np.flatnonzero(candidates)
+    if not budget or int(sizes[positions].sum()) <= budget:
+        chosen[positions] = True
+        return chosen
+    order = sorted(positions, key=lambda i: hashlib.sha256(f"bpe:{seed}:{ids[i]}".encode()).digest())
+    total = 0
+    for i in order:
+        if total + sizes[i] > budget and total:
+            continue
+        chosen[i] = True
+        total += int(sizes[i])
+    return chosen
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizeConfig, length: int | None = None) -> Any:
     """A byte-level BPE (GPT-2 style: no unknown tokens, every byte is representable) as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,7 +73,7 @@ def train_bpe(texts: list[str], cfg: TokenizeConfig) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length if length is not None else len(texts))  # type: ignore[arg-type]
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
@@ -66,23 +89,29 @@ def load_base_tokenizer(base: str) -> Any:
     return tokenizer
 
 
-def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flat token ids with EOS after every document, and each document's length in tokens."""
+def token_dtype(tokenizer: Any) -> np.dtype:
+    return np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat token ids of `texts` with EOS after every document, and each document's length in tokens."""
     eos = tokenizer.eos_token_id
-    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
+    dtype = token_dtype(tokenizer)
     backend = tokenizer.backend_tokenizer
     # Text that spells a special token ("<|endoftext|>" in a docstring) is data, not a document
     # boundary: encode it as ordinary text so only the EOS we insert separates documents.
     backend.encode_special_tokens = True
-    batches = [texts[i : i + batch_docs] for i in range(0, len(texts), batch_docs)]
-    for batch in progress(batches, desc=desc, unit="batch"):
-        for enc in backend.encode_batch(batch, add_special_tokens=False):
-            pieces.append(np.asarray(enc.ids + [eos], dtype=dtype))
-            lengths.append(len(enc.ids))
+    pieces = [np.asarray(enc.ids + [eos], dtype=dtype) for enc in backend.encode_batch(texts, add_special_tokens=False)]
     packed = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    return packed, np.asarray(lengths, dtype=np.int64)
+    return packed, np.asarray([len(p) - 1 for p in pieces], dtype=np.int64)
+
+
+def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """encode_batch over an in-memory list, `batch_docs` documents at a time."""
+    parts = [encode_batch(tokenizer, texts[i : i + batch_docs]) for i in progress(range(0, len(texts), batch_docs), desc=desc, unit="batch")]
+    if not parts:
+        return np.zeros(0, dtype=token_dtype(tokenizer)), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def byte_fallback_ids(tokenizer: Any) -> np.ndarray:
@@ -102,11 +131,14 @@ def byte_fallback_ids(tokenizer: Any) -> np.ndarray:
     return np.asarray(sorted(ids), dtype=np.int64)
 
 
-def reference_stats(tokenizer: Any, train_ids: np.ndarray, doc_lengths: np.ndarray, bins: int) -> dict[str, Any]:
-    """What the drift monitor compares a new batch with: fixed log-spaced length bins, unigram counts, rates."""
+def reference_stats(tokenizer: Any, train_ids: np.ndarray | None, doc_lengths: np.ndarray, bins: int, counts: np.ndarray | None = None) -> dict[str, Any]:
+    """What the drift monitor compares a new batch with: fixed log-spaced length bins, unigram counts, rates.
+
+    Give the token ids, or their unigram `counts` when they were counted as they streamed by."""
     edges = np.unique(np.round(np.geomspace(1, 1_000_000, bins + 1)).astype(np.int64))
     hist, _ = np.histogram(np.clip(doc_lengths, 1, edges[-1]), bins=edges)
-    counts = np.bincount(train_ids.astype(np.int64), minlength=len(tokenizer))
+    if counts is None:
+        counts = np.bincount(np.asarray(train_ids).astype(np.int64), minlength=len(tokenizer))
     total = max(int(counts.sum()), 1)
     unk_id = tokenizer.unk_token_id
     return {

@@ -13,4 +13,6 @@ class TokenizeConfig(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     split_seed: int = 0
     batch_docs: int = Field(256, ge=1)
+    # The BPE learns from at most this many bytes of train documents, picked by a hash of their id (0 = all of them).
+    train_sample_bytes: int = Field(200_000_000, ge=0)
     length_histogram_bins: int = Field(32, ge=4)

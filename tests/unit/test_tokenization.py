@@ -103,3 +103,35 @@ def test_special_token_text_inside_a_document_is_not_a_document_boundary(tokeniz
     packed, lengths = tokenization.encode_and_pack(tokenizer, ["a <|endoftext|> b", "c"], batch_docs=8, desc="t")
     assert int((packed == tokenizer.eos_token_id).sum()) == 2
     assert tokenizer.decode(packed[: lengths[0]].tolist()) == "a <|endoftext|> b"
+
+
+def _tokenize(root, texts, shard_max_bytes, **cfg):
+    ids = [f"d{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(root / "dedup", table, shard_max_bytes=shard_max_bytes)
+    config = TokenizeConfig(vocab_size=400, val_fraction=0.1, batch_docs=3, **cfg)
+    return tokenize.run(config, ModelConfig(), project_paths(root, dedup="dedup", tokens="tokens", tokenizer="tokenizer"))
+
+
+def test_the_outputs_do_not_depend_on_how_the_records_are_sharded(tmp_path):
+    texts = code_documents(30)
+    one = _tokenize(tmp_path / "one", texts, 1 << 30)
+    many = _tokenize(tmp_path / "many", texts, 4_000)
+    assert len(list((tmp_path / "many" / "dedup").glob("*.parquet"))) > 5
+    for name in ("train.bin", "val.bin", "meta.json", "reference_stats.json"):
+        assert (tmp_path / "one" / "tokens" / name).read_bytes() == (tmp_path / "many" / "tokens" / name).read_bytes(), name
+    assert directory_digest(tmp_path / "one" / "tokenizer") == directory_digest(tmp_path / "many" / "tokenizer")
+    assert {k: v for k, v in one.metrics.items() if not k.endswith("_s")} == {k: v for k, v in many.metrics.items() if not k.endswith("_s")}
+
+
+def test_the_bpe_learns_from_a_bounded_deterministic_sample_and_says_so(tmp_path):
+    texts = code_documents(30)
+    budget = sum(len(t.encode()) for t in texts) // 3
+    first = _tokenize(tmp_path / "a", texts, 4_000, train_sample_bytes=budget)
+    again = _tokenize(tmp_path / "b", list(texts), 50_000, train_sample_bytes=budget)
+    meta = json.loads((tmp_path / "a" / "tokens" / "meta.json").read_text())
+    assert 0 < meta["tokenizer_train_bytes"] <= budget and meta["tokenizer_train_docs"] < meta["train_docs"]
+    assert first.metrics["tokenizer_train_docs"] == again.metrics["tokenizer_train_docs"]
+    assert directory_digest(tmp_path / "a" / "tokenizer") == directory_digest(tmp_path / "b" / "tokenizer")
+    # every document is still encoded: the sample only decides what the BPE learns from
+    assert meta["train_docs"] + meta["val_docs"] == len(texts)
