@@ -17,6 +17,7 @@ OFFLINE = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "TOKENIZERS_PARALLELISM": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 PROGRESS = "LLMOPS_PROGRESS"  # "0": no progress bars (tests, log files)
 PARENT_RUN = "LLMOPS_PARENT_RUN_ID"  # the pipeline flow's MLflow run: stage runs nest under it
@@ -26,6 +27,8 @@ RDZV_ENDPOINT = "LLMOPS_RDZV_ENDPOINT"  # host:port of the rendezvous node for m
 RDZV_ID = "LLMOPS_RDZV_ID"
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"  # a shared `mlflow server`, over params' tracking.uri
 PREFECT_API_URL = "PREFECT_API_URL"  # a `prefect server`; unset = Prefect's ephemeral API
+RAY_ADDRESS = "RAY_ADDRESS"  # a Ray cluster (host:port or "auto"): the data stages run their shard jobs there
+DATA_ENGINE = "LLMOPS_DATA_ENGINE"  # "processes" (default: a local process pool) or "ray" (a local Ray unless RAY_ADDRESS)
 
 
 def set_offline() -> None:
@@ -69,3 +72,16 @@ def world_size() -> int:
 
 def in_launched_process() -> bool:
     return "LOCAL_RANK" in os.environ
+
+
+def data_engine() -> str:
+    """Where the data stages run their per-shard jobs: "ray" when RAY_ADDRESS or LLMOPS_DATA_ENGINE=ray says so,
+    else "processes". Where work runs never changes what it computes, so it is no params.yaml key (no DVC re-run)."""
+    engine = get(DATA_ENGINE).strip().lower()
+    if engine and engine not in ("processes", "ray"):
+        raise ValueError(f"${DATA_ENGINE}={engine!r}: expected processes or ray")
+    return engine or ("ray" if get(RAY_ADDRESS).strip() else "processes")
+
+
+def ray_address() -> str:
+    return get(RAY_ADDRESS).strip()

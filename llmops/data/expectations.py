@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
 from llmops.common.progress import progress
+from llmops.data.engine import map_jobs
 from llmops.params.validate import ValidateConfig
 
 # Control characters that do not belong in text or code (tab, newline, CR and form feed do).
@@ -43,6 +44,13 @@ def profile_records(table: pa.Table) -> pd.DataFrame:
             "ingest_error": table.column("ingest_error").to_pandas(),
         }
     )
+
+
+def profile_shard(shard: Path) -> pd.DataFrame:
+    """profile_records of one Parquet shard (an engine job)."""
+    import pyarrow.parquet as pq
+
+    return profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"]))
 
 
 def build_suite(cfg: ValidateConfig) -> list[Any]:
@@ -145,7 +153,7 @@ def validate_shards(
     """
     import pyarrow.parquet as pq
 
-    profiles = [profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"])) for shard in progress(shards, desc="validate: profiling", unit="shard")]
+    profiles = map_jobs(profile_shard, [(shard,) for shard in shards], workers=cfg.workers, desc="validate: profiling")
     profile = pd.concat(profiles, ignore_index=True) if profiles else profile_records(RECORD_SCHEMA.empty_table())
     with atomic_dir(Path(docs_dir)) as docs_tmp:
         per_expectation, failures = run_suite(profile, cfg, docs_tmp)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmops.common.progress import progress
+from llmops.data.engine import map_jobs
 from llmops.params.dedup import DedupConfig
 
 SIGNATURE_CHUNK_DOCS = 64  # texts per task when signatures of an in-memory list are spread over processes
@@ -153,27 +154,16 @@ def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_word
     return sigs
 
 
-def _map(workers: int, fn, jobs: list[tuple], desc: str) -> list:
-    """fn(*job) for each job, in order, in up to `workers` processes."""
-    workers = min(workers, len(jobs))
-    if workers <= 1:
-        return [fn(*job) for job in progress(jobs, desc=desc, unit="shard")]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        return [f.result() for f in progress(futures, desc=desc, unit="shard")]
-
-
 def index_shards(cfg: DedupConfig, shards: list[Path]) -> DocIndex:
-    """The DocIndex of every shard, in order, shard by shard in `cfg.workers` processes. Signatures are computed only
+    """The DocIndex of every shard, in order, shard by shard as engine jobs (cfg.workers local processes, or Ray). Signatures are computed only
     for documents that can be near duplicates (the first of their exact key, with words); the others get zeros."""
-    workers = cfg.workers or os.cpu_count() or 1
-    parts = _map(workers, _shard_keys, [(s,) for s in shards], "dedup: exact keys")
+    parts = map_jobs(_shard_keys, [(s,) for s in shards], workers=cfg.workers, desc="dedup: exact keys")
     index = DocIndex.concat(parts, cfg.num_perm)
     n = len(index.ids)
     wanted = (exact_firsts(index.keys) == np.arange(n)) & index.has_shingles
     offsets = np.cumsum([0] + [len(p.ids) for p in parts])
     jobs = [(s, wanted[offsets[k] : offsets[k + 1]], cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed) for k, s in enumerate(shards)]
-    sigs = _map(workers, _shard_signatures, jobs, "dedup: minhash")
+    sigs = map_jobs(_shard_signatures, jobs, workers=cfg.workers, desc="dedup: minhash")
     index.sigs = np.concatenate(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
     return index
 

@@ -1,0 +1,90 @@
+"""The data stages' shard jobs: a process pool by default, Ray (local or a cluster at RAY_ADDRESS) on request, with
+byte-identical outputs either way, on a real two-node Ray cluster too."""
+
+import hashlib
+import random
+
+import pyarrow as pa
+import pytest
+
+from llmops.common.io import RECORD_SCHEMA, write_records
+from llmops.data import engine
+from llmops.params.dedup import DedupConfig
+from llmops.params.validate import ValidateConfig
+from tasks import dedup, validate
+
+from ..conftest import perturb, project_paths, random_document
+
+pytestmark = pytest.mark.unit
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def node_of(seconds: float) -> str:
+    import time
+
+    import ray
+
+    time.sleep(seconds)
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_process_pool_results_come_back_in_job_order(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("LLMOPS_DATA_ENGINE", raising=False)
+    assert engine.map_jobs(square, [(i,) for i in range(20)], workers=2) == [i * i for i in range(20)]
+
+
+def test_an_unknown_engine_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LLMOPS_DATA_ENGINE", "spark")
+    with pytest.raises(ValueError, match="LLMOPS_DATA_ENGINE='spark': expected processes or ray"):
+        engine.map_jobs(square, [(1,)])
+
+
+def _corpus(root, vocabulary):
+    rng = random.Random(5)
+    texts = [random_document(rng, vocabulary, 300) for _ in range(60)]
+    texts += [perturb(rng, texts[i], vocabulary, 0.02) for i in range(10)] + texts[:3] + ["", "\x00\x01 bad"]
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(root / "data" / "raw", table, shard_max_bytes=15_000)
+
+
+def _stages(root) -> dict[str, str]:
+    paths = project_paths(root)
+    validate.run(ValidateConfig(min_pass_rate=0.5, shard_max_bytes=15_000, workers=2), paths)
+    dedup.run(DedupConfig(workers=2, shard_max_bytes=15_000), paths)
+    out = {}
+    for folder in (paths.validated, paths.quarantine, paths.dedup, paths.duplicates):
+        for p in sorted(folder.iterdir()):
+            out[f"{folder.name}/{p.name}"] = hashlib.md5(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_validate_and_dedup_on_a_two_node_ray_cluster_match_the_local_run_byte_for_byte(tmp_path, vocabulary, monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    for name in ("local", "ray"):
+        _corpus(tmp_path / name, vocabulary)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("LLMOPS_DATA_ENGINE", raising=False)
+    local = _stages(tmp_path / "local")
+    assert len(list((tmp_path / "local" / "data" / "raw").glob("*.parquet"))) >= 8
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        on_ray = _stages(tmp_path / "ray")
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        assert len(set(engine.map_jobs(node_of, [(0.5,)] * 6))) == 2  # jobs really ran on both nodes
+        assert ray.is_initialized() and ray.get_runtime_context().gcs_address == cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert on_ray == local
+    assert any(k.startswith("duplicates/") for k in local) and "dedup/minhash.npy" in local
