@@ -113,6 +113,10 @@ def test_compose_build_contexts_and_dockerfiles_exist(compose):
 def test_compose_default_profile_is_the_cpu_stack_and_gpu_adds_vllm_behind_the_proxy(compose):
     assert set(services_of(compose, None)) == {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker"}
     assert set(services_of(compose, "gpu")) - set(services_of(compose, None)) == GPU_SERVICES
+    assert set(services_of(compose, "ray")) - set(services_of(compose, None)) == {"ray-head", "ray-worker"}
+    for name in ("ray-head", "ray-worker"):  # Ray reads the shards the pipeline writes, at the same path
+        assert "pipeline-data:/opt/llmops/data" in compose["services"][name]["volumes"]
+    assert compose["services"]["ray-worker"]["command"][:4] == ["ray", "start", "--address", "ray-head:6379"]
     vllm = compose["services"]["vllm"]
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -173,7 +177,7 @@ def by_kind(manifests: list[dict], kind: str, name: str) -> dict:
 
 API_VERSIONS = {
     "Deployment": "apps/v1", "Service": "v1", "PersistentVolumeClaim": "v1", "ServiceAccount": "v1",
-    "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1", "RayCluster": "ray.io/v1",
 }  # fmt: skip
 
 
@@ -250,3 +254,18 @@ def test_deploy_deployment_is_triggered_by_the_champion_event():
     trigger = DeploymentEventTrigger.model_validate(deployment["triggers"][0])
     assert trigger.expect == {"llmops.champion.changed"}
     assert set(trigger.parameters) == {"model"}
+
+
+def test_the_ray_cluster_matches_the_pinned_ray_autoscales_and_shares_the_data_claim(manifests):
+    cluster = by_kind(manifests, "RayCluster", "llmops-ray")
+    pin = re.search(r'"ray==([0-9.]+)\.\*"', (ROOT / "pyproject.toml").read_text())
+    assert pin and cluster["spec"]["rayVersion"].startswith(pin.group(1))
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    workers = cluster["spec"]["workerGroupSpecs"][0]
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"] and workers["maxReplicas"] > 1
+    claim = by_kind(manifests, "PersistentVolumeClaim", "llmops-data")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node reads the same shards
+    for pod in (cluster["spec"]["headGroupSpec"]["template"], workers["template"]):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for c in pod["spec"]["containers"] for m in c["volumeMounts"]}
+        assert volumes[mounts["/opt/llmops/data"]]["persistentVolumeClaim"]["claimName"] == "llmops-data"
