@@ -50,7 +50,7 @@ def test_compose_top_level_and_every_service_has_an_image_or_build(compose):
     assert set(compose) <= {"name", "services", "volumes", "networks", "configs", "secrets"} | {k for k in compose if k.startswith("x-")}
     for name, service in compose["services"].items():
         assert "image" in service or "build" in service, name
-        assert set(service.get("profiles", [])) <= {"gpu"}, name
+        assert set(service.get("profiles", [])) <= {"gpu", "ray"}, name
 
 
 def test_every_variable_the_compose_file_uses_is_documented_in_env_example_and_none_is_stale(compose):
