@@ -22,12 +22,11 @@ import pyarrow.parquet as pq
 from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, record_shards
 from llmops.common.progress import progress
 from llmops.common.results import StageResult
-from llmops.data.minhash import find_duplicates_in, index_shards, lsh_bands
+from llmops.data.minhash import SIGNATURES_FILE, SIGNATURES_META, find_duplicates_in, index_shards, lsh_bands, signature_settings
 from llmops.params.dedup import DedupConfig
 from llmops.params.paths import PathsConfig
 
 REPORT_SCHEMA = RECORD_SCHEMA.append(pa.field("duplicate_of", pa.string())).append(pa.field("kind", pa.string())).append(pa.field("similarity", pa.float64()))
-SIGNATURES_FILE, SIGNATURES_META = "minhash.npy", "minhash.json"
 
 
 def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
@@ -53,7 +52,7 @@ def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
         keep[list(removed)] = False
         with open(kept_tmp / SIGNATURES_FILE, "wb") as f:
             np.save(f, index.sigs[keep])
-        meta = {"engine": cfg.engine, "num_perm": cfg.num_perm, "seed": cfg.seed, "shingle_words": cfg.shingle_words, "rows": int(keep.sum())}
+        meta = {**signature_settings(cfg), "rows": int(keep.sum())}
         atomic_write_bytes(kept_tmp / SIGNATURES_META, (json.dumps(meta, sort_keys=True) + "\n").encode())
     exact = sum(1 for v in removed.values() if v[1] == "exact")
     bytes_removed = int(index.text_bytes[~keep].sum())

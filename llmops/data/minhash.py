@@ -241,6 +241,28 @@ def find_duplicates_in(cfg: DedupConfig, index: DocIndex) -> dict[int, tuple[int
     return removed
 
 
+SIGNATURES_FILE, SIGNATURES_META = "minhash.npy", "minhash.json"  # in data/dedup/: the kept documents' signatures
+
+
+def signature_settings(cfg: DedupConfig) -> dict[str, object]:
+    """What makes two signature matrices comparable."""
+    return {"engine": cfg.engine, "num_perm": cfg.num_perm, "seed": cfg.seed, "shingle_words": cfg.shingle_words}
+
+
+def load_signatures(dedup_dir: Path, cfg: DedupConfig, rows: int) -> np.ndarray | None:
+    """The kept documents' signatures dedup saved, or None when absent or made with other settings or rows."""
+    import json
+
+    meta_file, sigs_file = Path(dedup_dir) / SIGNATURES_META, Path(dedup_dir) / SIGNATURES_FILE
+    if not meta_file.exists() or not sigs_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if {k: meta.get(k) for k in signature_settings(cfg)} != signature_settings(cfg) or meta.get("rows") != rows:
+        return None
+    sigs = np.load(sigs_file, mmap_mode="r")
+    return sigs if sigs.shape == (rows, cfg.num_perm) else None
+
+
 def find_duplicates(cfg: DedupConfig, texts: list[str]) -> dict[int, tuple[int, str, float]]:
     """find_duplicates_in for an in-memory list of texts."""
     return find_duplicates_in(cfg, DocIndex.of_texts(cfg, [str(i) for i in range(len(texts))], texts))

@@ -68,17 +68,18 @@ def jensen_shannon(reference_counts: list[int] | np.ndarray, batch_counts: list[
     return float(jensenshannon(ref, new, base=2) ** 2)
 
 
-def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: list[str]) -> float:
+def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: list[str], train_sigs: np.ndarray | None = None) -> float:
     """Share of batch documents that near-duplicate (or exactly repeat) a training document.
 
     Dedup's own MinHash LSH over training docs followed by batch docs: a verified pair (train i, batch j) marks j.
+    `train_sigs` are the training documents' signatures as dedup saved them; only the batch is hashed then.
     """
     if not batch_texts:
         return float("nan")
     train_keys = {exact_key(t) for t in train_texts}
     exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
     texts = train_texts + batch_texts
-    sigs = signatures(cfg, texts)
+    sigs = signatures(cfg, texts) if train_sigs is None else np.concatenate([np.asarray(train_sigs), signatures(cfg, batch_texts)])
     pairs, _ = near_duplicate_pairs(cfg, sigs, np.flatnonzero([bool(t.split()) for t in texts]))
     n = len(train_texts)
     near = {int(j) - n for i, j in pairs if i < n <= j}

@@ -35,7 +35,8 @@ from llmops.data.expectations import validate_records
 from llmops.monitoring.checks import Check, binned_ks, build_checks, jensen_shannon, ks_critical_value, near_duplicate_share, psi
 from llmops.monitoring.report import render_report
 from llmops.data.sources import ingest, resolve_sources
-from llmops.data.tokenizer import REFERENCE_STATS, encode_and_pack, is_validation_doc, reference_stats, split_documents
+from llmops.data.minhash import load_signatures
+from llmops.data.tokenizer import REFERENCE_STATS, encode_and_pack, is_validation_doc, reference_stats, validation_mask
 from llmops.params.load import Params
 
 log = logging.getLogger("llmops.monitor")
@@ -182,10 +183,16 @@ def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list
     return batch_ppl / held_ppl, details, label
 
 
-def training_split(params: Params) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts) of data/dedup, split exactly as tokenize splits them."""
+def training_split(params: Params) -> tuple[list[str], list[str], Any]:
+    """(train texts, held-out texts, the train documents' MinHash signatures or None) of data/dedup, split exactly as
+    tokenize splits them; the signatures are the ones dedup saved, so the train split is never hashed again."""
     table = read_records(params.paths.dedup)
-    return split_documents(table.column("id").to_pylist(), table.column("text").to_pylist(), params.tokenize)
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    held_out = validation_mask(ids, params.tokenize)
+    sigs = load_signatures(params.paths.dedup, params.dedup, len(ids))
+    train = [t for t, v in zip(texts, held_out, strict=True) if not v]
+    heldout = [t for t, v in zip(texts, held_out, strict=True) if v]
+    return train, heldout, (sigs[~held_out] if sigs is not None else None)
 
 
 def stage_batch(params: Params, batch: str, side: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -249,8 +256,9 @@ def run(params: Params, batch: str, *, track: bool = True) -> MonitorResult:
     info.update(batch_tokens=stats["tokens"], batch_oov_rate=batch_oov)
     lap("token_stats")
 
-    train_texts, heldout_texts = training_split(params)
-    scores["near_duplicate_share"] = near_duplicate_share(params.dedup, train_texts, texts) if texts else float("nan")
+    train_texts, heldout_texts, train_sigs = training_split(params)
+    scores["near_duplicate_share"] = near_duplicate_share(params.dedup, train_texts, texts, train_sigs) if texts else float("nan")
+    info["near_duplicates_reused_signatures"] = train_sigs is not None
     lap("near_duplicates")
     if texts:
         scores["perplexity_ratio"], ppl_info, model_label = perplexity_ratio(params, texts, heldout_texts, side)

@@ -176,6 +176,7 @@ def test_run_ends_with_the_monitor_on_the_held_out_batch_not_flagged_and_tracked
     repo, _, _, run = repo
     result = metrics(repo, "monitor")
     assert result["drift"] is False, {name: check for name, check in result["checks"].items() if check["flagged"]}
+    assert result["near_duplicates_reused_signatures"] is True  # dedup's saved signatures, not the train split hashed again
     client, _ = mlflow_runs(repo)
     experiment = client.get_experiment_by_name("llmops-monitor")
     runs = client.search_runs([experiment.experiment_id])

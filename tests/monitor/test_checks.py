@@ -69,3 +69,16 @@ def test_a_small_batch_is_flagged_for_length_only_past_what_chance_explains():
     large_critical = checks.ks_critical_value(2000, 500, cfg.length_ks_alpha)
     assert large_critical < cfg.length_ks_max  # a real batch: the configured threshold decides
     assert {c.name: c for c in checks.build_checks({"token_length_ks": 0.6}, cfg, ks_critical=large_critical)}["token_length_ks"].flagged
+
+
+def test_near_duplicate_share_from_saved_train_signatures_equals_hashing_the_train_split_again(vocabulary):
+    from llmops.data.minhash import signatures
+    from llmops.monitoring.checks import near_duplicate_share
+
+    rng = random.Random(2)
+    train = [random_document(rng, vocabulary, 200) for _ in range(30)]
+    batch = [perturb(rng, train[i], vocabulary, 0.02) for i in range(5)] + [random_document(rng, vocabulary, 200) for _ in range(5)]
+    cfg = DedupConfig(workers=1)
+    fresh = near_duplicate_share(cfg, train, batch)
+    reused = near_duplicate_share(cfg, train, batch, signatures(cfg, train))
+    assert fresh == reused == 0.5
