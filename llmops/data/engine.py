@@ -6,7 +6,7 @@ The engine is chosen by the environment (llmops.common.env.data_engine), not par
 change what it computes, so switching engines re-runs no DVC stage. On a cluster every node must see the shard
 paths (a shared filesystem) and have llmops installed; results travel back through Ray's object store.
 
-Measured on a 2-core machine (benchmarks/bench_engine.py): a local Ray costs about 4 s of start-up and 1 GB of
+Measured on a 2-core machine (benchmarks/bench_scale.py --engine both): a local Ray costs about 4 s of start-up and 1 GB of
 memory (10 processes) before any work and gives no speed-up over a process pool, so the process pool is the default
 on one machine and Ray is what spreads the same jobs over many.
 """
