@@ -138,7 +138,8 @@ def run(cfg: FinetuneConfig, train: TrainConfig, base_model: ModelConfig, paths:
     artifacts: list[Path] = []
     if runtime.is_main_process():
         curve = runtime.plot_loss_curve(fit.log_history, paths.reports / "finetune" / "loss_curve.png", f"finetune ({cfg.method})")
-        artifacts = [curve, paths.instructions / "quarantine.jsonl", out]
+        before = [{"step": 0, "eval_loss": eval_loss_before}] if math.isfinite(eval_loss_before) else []
+        artifacts = [curve, *runtime.write_curves(before + fit.log_history, curve.parent), paths.instructions / "quarantine.jsonl", out]
         runtime.cleanup_checkpoints(run_dir)
     summary = (
         f"finetune ({cfg.method}, {trainable / 1e6:.2f}M of {total / 1e6:.1f}M params trainable): {len(train_examples)} train / "

@@ -84,8 +84,8 @@ def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: 
         "steps": fit.steps,
         "tokens": fit.tokens,
         "train_loss": fit.train_loss,
-        "val_loss": fit.eval_loss,
-        "val_perplexity": math.exp(fit.eval_loss) if math.isfinite(fit.eval_loss) and fit.eval_loss < 50 else float("inf"),
+        "eval_loss": fit.eval_loss,
+        "eval_perplexity": math.exp(fit.eval_loss) if math.isfinite(fit.eval_loss) and fit.eval_loss < 50 else float("inf"),
         "tokens_per_s": fit.tokens_per_s,
         "train_seconds": fit.train_seconds,
         "resumed_from_step": fit.resumed_from_step,
@@ -99,11 +99,11 @@ def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: 
     artifacts: list[Path] = []
     if runtime.is_main_process():
         curve = runtime.plot_loss_curve(fit.log_history, paths.reports / "pretrain" / "loss_curve.png", f"pretrain ({cfg.preset}, {n_params / 1e6:.1f}M params)")
-        artifacts = [curve, out]
+        artifacts = [curve, *runtime.write_curves(fit.log_history, curve.parent), out]
         runtime.cleanup_checkpoints(run_dir)
     summary = (
         f"pretrain: {cfg.preset} ({config.model_type}, {n_params / 1e6:.1f}M params) {fit.steps} steps, {fit.tokens:,} tokens, "
-        f"train loss {fit.train_loss:.3f}, val loss {fit.eval_loss:.3f}, {fit.tokens_per_s:,.0f} tokens/s"
+        f"train loss {fit.train_loss:.3f}, eval loss {fit.eval_loss:.3f}, {fit.tokens_per_s:,.0f} tokens/s"
         + (f", resumed from step {fit.resumed_from_step}" if fit.resumed_from_step else "")
         + f" -> {out}"
     )

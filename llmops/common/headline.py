@@ -21,7 +21,7 @@ HEADLINE: dict[str, tuple[str, str]] = {
     "quality.perplexity": ("evaluate", "perplexity.perplexity"),
     "quality.base_perplexity": ("evaluate", "base_perplexity.perplexity"),
     "quality.instructions_fuzzy_match": ("evaluate", "instructions.fuzzy_match"),
-    "quality.pretrain_eval_loss": ("pretrain", "val_loss"),
+    "quality.pretrain_eval_loss": ("pretrain", "eval_loss"),
     "quality.finetune_eval_loss": ("finetune", "eval_loss"),
     "data.records_in": ("ingest", "docs"),
     "data.quarantined": ("validate", "quarantined"),

@@ -21,6 +21,7 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile the model
     seed: int = 0
     log_every: int = Field(1, ge=1)  # optimizer steps between MLflow metric points
+    eval_every: int = Field(0, ge=0)  # optimizer steps between held-out evaluations (the eval_loss curve); 0 = at the end only
     save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
     keep_checkpoints: int = Field(2, ge=1)
     dataloader_workers: int = Field(0, ge=0)

@@ -116,7 +116,7 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def training_arguments(train: TrainConfig, optim: Optim, output_dir: Path) -> Any:
+def training_arguments(train: TrainConfig, optim: Optim, output_dir: Path, eval_every: int = 0) -> Any:
     from transformers import TrainingArguments
 
     cuda = use_cuda(train)
@@ -141,7 +141,9 @@ def training_arguments(train: TrainConfig, optim: Optim, output_dir: Path) -> An
         save_strategy="steps",
         save_steps=train.save_every,
         save_total_limit=train.keep_checkpoints,
-        eval_strategy="no",  # scored once at the end, on the held-out split
+        # The held-out split every `eval_every` steps (the eval_loss curve), and always once at the end (fit).
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every or None,
         include_num_input_tokens_seen="non_padding",
         report_to="none",  # our callback logs to the stage's MLflow run (one run, no duplicate params)
         disable_tqdm=not env.progress_enabled(),
@@ -203,6 +205,8 @@ def _callback_class() -> type:
                 self._log(_step_metrics(entry), int(entry.get("step", 0)))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if state.is_world_process_zero and logs and isinstance(logs.get("eval_loss"), int | float):
+                self._log({"eval_loss": float(logs["eval_loss"])}, state.global_step)  # the held-out curve
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
             now = time.perf_counter()
@@ -314,7 +318,8 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
     resume = last_complete_checkpoint(run_dir)
-    args = training_arguments(train, optim, run_dir)
+    has_eval = eval_dataset is not None and len(eval_dataset) > 0
+    args = training_arguments(train, optim, run_dir, eval_every=train.eval_every if has_eval else 0)
     callback = TrackingCallback(flops_per_token, peak_flops() if use_cuda(train) else None)
     trainer = Trainer(
         model=model,
@@ -371,6 +376,27 @@ def _tag(key: str, value: str) -> None:
         mlflow.set_tag(key, value)
 
 
+def write_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Per-step values as TSV for `dvc plots`: train_curve.tsv (step, loss, lr, grad_norm) and eval_curve.tsv
+    (step, eval_loss: every train.eval_every steps and at the end)."""
+    from llmops.common.io import atomic_write_bytes
+
+    def fmt(value: Any) -> str:
+        return "" if value is None else f"{float(value):.6g}"
+
+    train = [(e["step"], e["loss"], e.get("learning_rate"), e.get("grad_norm")) for e in history if "loss" in e]
+    evals = sorted({e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}.items())
+    files = {
+        "train_curve.tsv": "step\tloss\tlr\tgrad_norm\n" + "".join(f"{s}\t{fmt(l)}\t{fmt(lr)}\t{fmt(g)}\n" for s, l, lr, g in train),
+        "eval_curve.tsv": "step\teval_loss\n" + "".join(f"{s}\t{fmt(l)}\n" for s, l in evals),
+    }
+    out = []
+    for name, text in files.items():
+        atomic_write_bytes(out_dir / name, text.encode())
+        out.append(out_dir / name)
+    return out
+
+
 def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -381,9 +407,9 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> Pa
     losses = [e["loss"] for e in history if "loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, label="train loss")
-    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    evals = sorted({e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}.items())
     if evals:
-        ax.scatter(*zip(*evals, strict=True), color="tab:red", label="eval loss", zorder=3)
+        ax.plot(*zip(*evals, strict=True), color="tab:red", marker="o", label="eval loss", zorder=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

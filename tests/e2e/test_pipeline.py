@@ -108,6 +108,18 @@ def test_training_stages_log_per_step_curves_and_the_model_to_mlflow(repo):
     assert finetune.data.metrics["pairs.train"] > 0
     inputs = {i.dataset.name for i in finetune.inputs.dataset_inputs}
     assert inputs == {"data/dedup", "models/pretrain"}
+    for run in (pretrain, finetune):  # one name for the held-out loss in both stages, as a curve
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")][-1] == metrics(repo, run.data.tags["llmops.stage"])["steps"]
+
+
+def test_dvc_plots_draw_the_training_curves(repo):
+    repo, _, env, _ = repo
+    shown = json.loads(sh(BIN / "dvc", "plots", "show", "--json", cwd=repo, env=env).stdout)["data"]
+    for plot in ("pretrain_loss", "pretrain_lr", "finetune_loss"):
+        points = shown[plot][0]["content"]["data"]["values"]
+        assert len(points) >= 3, plot
+    fields = {p["filename::field"] for p in shown["finetune_loss"][0]["content"]["data"]["values"]}
+    assert fields == {"train_curve.tsv::loss", "eval_curve.tsv::eval_loss"}
 
 
 def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_path):

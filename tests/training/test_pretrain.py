@@ -30,16 +30,22 @@ def test_pretrain_reduces_loss_and_writes_a_model_transformers_loads(project, mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(project)
-    result = run_stage("pretrain", load_params(write_params(project, micro_params())), track=False)
+    result = run_stage("pretrain", load_params(write_params(project, micro_params(train={"eval_every": 10}))), track=False)
     m = result.metrics
     history = json.loads((project / "models/pretrain/training_summary.json").read_text())["metrics"]
     assert history["steps"] == m["steps"] == 40
     # a 300-token vocabulary starts at ln(300) = 5.7 nats; the micro model must learn well below that
     assert m["train_loss"] < 4.5, m
-    assert m["val_loss"] < 5.0, m
+    assert m["eval_loss"] < 5.0, m
     assert m["tokens"] == 40 * 4 * 32
     assert m["tokens_per_s"] > 0
     assert (project / "reports/pretrain/loss_curve.png").stat().st_size > 1000
+    # per-step curves for `dvc plots`: every step's train loss, the held-out loss every train.eval_every steps
+    train_curve = (project / "reports/pretrain/train_curve.tsv").read_text().splitlines()
+    eval_curve = [line.split("\t") for line in (project / "reports/pretrain/eval_curve.tsv").read_text().splitlines()]
+    assert train_curve[0] == "step\tloss\tlr\tgrad_norm" and len(train_curve) == 1 + 40
+    assert [int(s) for s, _ in eval_curve[1:]] == [10, 20, 30, 40]
+    assert float(eval_curve[-1][1]) == pytest.approx(m["eval_loss"], rel=1e-4)
     assert not any((project / "checkpoints/pretrain").iterdir()), "a finished run leaves no resumable state behind"
 
     model = AutoModelForCausalLM.from_pretrained(project / "models/pretrain")
@@ -120,7 +126,7 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tok
     assert resumed["resumed_from_step"] >= 20
     assert resumed["steps"] == expected["steps"] == 120
     assert resumed["tokens"] == expected["tokens"]
-    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-3)
+    assert resumed["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-3)
     assert resumed["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-3)
 
 
