@@ -23,6 +23,9 @@ from llmops.common.tracking import flatten
 if TYPE_CHECKING:
     from llmops.params.load import Params
 
+# How a stage uses its inputs, as MLflow's dataset context shows it.
+DATASET_CONTEXT = {"pretrain": "training", "finetune": "training", "evaluate": "evaluation", "quantize": "evaluation"}
+
 
 def logged_params(stage: Stage, params: Params) -> dict[str, Any]:
     """Exactly the params.yaml keys the stage reads (its dvc.yaml `params`), as MLflow params."""
@@ -65,7 +68,9 @@ def run_stage(name: str, params: Params, *, track: bool = True, params_file: Pat
         return result
     from llmops.common import tracking
 
-    with tracking.stage_run(params.tracking, params.paths.root, name, logged_params(stage, params), input_paths(stage, params)):
+    context = DATASET_CONTEXT.get(name, "input")
+    inputs = input_paths(stage, params)
+    with tracking.stage_run(params.tracking, params.paths.root, name, logged_params(stage, params), inputs, context=context, system_metrics=stage.distributed):
         result = call(stage, params)
         atomic_write_json(metrics_file, result.metrics)
         tracking.log_result(result, metrics_file)

@@ -71,7 +71,7 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def log_dataset_input(path: Path, rel: str, lock_file: Path) -> None:
+def log_dataset_input(path: Path, rel: str, lock_file: Path, context: str = "input") -> None:
     """Log a stage's input (absolute `path`, `rel` as dvc.lock names it) as an MLflow dataset whose digest is its DVC md5."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -83,24 +83,30 @@ def log_dataset_input(path: Path, rel: str, lock_file: Path) -> None:
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(str(Path(path).resolve()))
     dataset = MetaDataset(source=source, name=rel, digest=(md5 or "untracked")[:36])
-    mlflow.log_input(dataset, context="input", tags={"dvc_md5": md5 or "not in dvc.lock"})
+    mlflow.log_input(dataset, context=context, tags={"dvc_md5": md5 or "not in dvc.lock"})
 
 
 @contextmanager
-def stage_run(cfg: TrackingConfig, root: Path, stage: str, params: dict[str, Any], inputs: dict[str, Path]) -> Iterator[str]:
+def stage_run(
+    cfg: TrackingConfig, root: Path, stage: str, params: dict[str, Any], inputs: dict[str, Path], *, context: str = "input", system_metrics: bool = False
+) -> Iterator[str]:
     """An MLflow run for one stage; nested under $LLMOPS_PARENT_RUN_ID when the pipeline flow started it.
 
-    `inputs` maps each input as dvc.yaml names it to its absolute path. The run is marked FAILED if the stage
-    raises, so a failed stage never looks finished.
+    `inputs` maps each input as dvc.yaml names it to its absolute path, logged as datasets with `context`
+    (training, evaluation, input). `system_metrics` samples CPU, memory (and GPU) while the stage runs. The run is
+    marked FAILED if the stage raises, so a failed stage never looks finished.
     """
     import mlflow
 
     experiment_id = setup(cfg, root)
-    tags = {"llmops.stage": stage, "llmops.git_commit": git_commit(root)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=env.parent_run_id() or None, tags=tags) as run:
+    commit = git_commit(root)
+    tags = {"llmops.stage": stage, "llmops.git_commit": commit, "mlflow.source.git.commit": commit}
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, parent_run_id=env.parent_run_id() or None, tags=tags, log_system_metrics=system_metrics
+    ) as run:
         mlflow.log_params(flatten("", params))
         for rel, path in inputs.items():
-            log_dataset_input(path, rel, Path(root) / "dvc.lock")
+            log_dataset_input(path, rel, Path(root) / "dvc.lock", context)
         yield run.info.run_id
 
 
@@ -115,6 +121,7 @@ def log_result(result: StageResult, metrics_file: Path) -> None:
         elif path.exists():
             mlflow.log_artifact(str(path))
     mlflow.set_tag("llmops.summary", result.summary)
+    mlflow.set_tag("mlflow.note.content", result.summary)  # the run page's description: the whole summary, untruncated
 
 
 def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
