@@ -80,6 +80,7 @@ def run(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking_cfg: TrackingCon
             event = emit_champion_changed(name, version_id)
         verdict = "promoted" if changed else "kept (already champion)" if champion_after == version_id else "refused"
         mlflow.set_tags({"llmops.gate.decision": verdict, "llmops.gate.reasons": "\n".join(decision.reasons), "llmops.registered_version": f"{name}@{version_id}"})
+        describe(name, version_id, verdict, decision.reasons, challenger, variants, store)
 
     metrics = {
         "model_name": name,
@@ -104,3 +105,16 @@ def run(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking_cfg: TrackingCon
         f" ({'; '.join(decision.reasons)}); champion v{champion_after}{f', quantized {quantized}' if variants else ''}; event {event}"
     )
     return StageResult(metrics=metrics, summary=summary)
+
+
+def describe(name: str, version_id: str, verdict: str, reasons: list[str], challenger: dict[str, float], variants: dict, store) -> None:
+    """Descriptions the registry UI shows: what the model is, and per version its gate numbers, verdict and variants."""
+    client = registry.client(store)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(
+            name, description="Code model trained by the llmops pipeline (pretrain -> finetune), versions registered by its register stage; "
+            "`champion` is the gate's pick, `production` what the deploy flow serves."
+        )
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in challenger.items())
+    quantized = "; quantized: " + ", ".join(f"{v['name']} v{v['version']}" for v in variants.values()) if variants else ""
+    client.update_model_version(name, version_id, description=f"Gate {verdict}: {numbers}. {' '.join(reasons)}{quantized}")

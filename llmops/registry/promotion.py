@@ -218,21 +218,30 @@ def promote(
 def register_variants(
     name: str, version_id: str, lineage: dict[str, str], cfg: RegisterConfig, paths: PathsConfig, store: Store
 ) -> dict[str, dict[str, str]]:
-    """Each paths.quantized/<scheme>/ as a version of <name>-<scheme> linked by tag llmops.base_version; it takes the
-    base version's aliases (challenger, and champion when the base is champion)."""
+    """Each paths.quantized/<scheme>/ as a version of <name>-<scheme> linked by tag llmops.base_version, its logged model
+    carrying the variant's own numbers (perplexity, pass@1, size, speed from metrics/quantize.json) so it compares
+    side by side with the base in the MLflow UI. No gate ran on a variant, so it takes no gate alias: it is reached
+    through its base (`resolve(NAME@champion, quantized=SCHEME)`)."""
+    import mlflow
+
     quantize_file = metrics_file("quantize", paths)
     quantize_metrics = json.loads(quantize_file.read_text()) if quantize_file.is_file() else {}
-    is_champion = registry.alias_version(name, "champion", store) == version_id
     variants = {}
     for scheme, qdir in quantized_dirs(cfg, paths).items():
         numbers = quantize_metrics[scheme] if isinstance(quantize_metrics.get(scheme), dict) else quantize_metrics
         tags = lineage | {"llmops.base_version": version_id, "llmops.base_model": name, "llmops.quantization": scheme}
         tags |= {f"llmops.metric.quantize.{k}": repr(v) for k, v in numeric_items("", numbers).items()}
         qname = registry.model_name(cfg, scheme)
-        qversion, _ = register_model_dir(qname, qdir, cfg, store, tags, f"{registry.HF_ARTIFACT}-{scheme}", {})
+        own = numeric_items("", numbers) if isinstance(quantize_metrics.get(scheme), dict) else {}
+        # A run of its own, nested in the register run: MLflow links a run's metrics to every model logged in it,
+        # and the variant's logged model must show its numbers, not the unquantized model's.
+        with mlflow.start_run(run_name=f"register-{scheme}", nested=True, tags={"llmops.stage": f"register-{scheme}"}):
+            if own:
+                mlflow.log_metrics(own)
+            qversion, _ = register_model_dir(qname, qdir, cfg, store, tags, f"{registry.HF_ARTIFACT}-{scheme}", own)
         qversion_id = str(qversion.version)
-        registry.set_alias(qname, "challenger", qversion_id, store)
-        if is_champion:
-            registry.set_alias(qname, "champion", qversion_id, store)
+        registry.client(store).update_model_version(
+            qname, qversion_id, description=f"{scheme} of {name} v{version_id} (llmops quantize stage); not gated, serve it through its base."
+        )
         variants[scheme] = {"name": qname, "version": qversion_id}
     return variants

@@ -199,7 +199,7 @@ def test_quantized_variants_are_linked_versions(proj):
     (proj / "metrics" / "quantize.json").parent.mkdir(exist_ok=True)
     (proj / "metrics" / "quantize.json").write_text(json.dumps({"w8a8": {"size_ratio": 0.5}}))
     write_eval(proj, perplexity=250.0, pass_at_1=0.0)
-    result = register(proj)
+    result = register(proj, register={"log_transformers_flavor": True})
     assert result["quantized"] == {"w8a8": {"name": f"{NAME}-w8a8", "version": "1"}}
     params = load_params(proj / "params.yaml")
     ref = registry.resolve(f"{NAME}@champion", store_of(params), quantized="w8a8")
@@ -210,7 +210,19 @@ def test_quantized_variants_are_linked_versions(proj):
         registry.resolve(f"{NAME}@champion", store_of(params), quantized="w4a16")
     listed = {(row["name"], row["version"]): row for row in registry.list_versions(NAME, store_of(params))}
     assert set(listed) == {(NAME, "1"), (f"{NAME}-w8a8", "1")}
-    assert listed[(f"{NAME}-w8a8", "1")]["aliases"] == "challenger,champion" and listed[(f"{NAME}-w8a8", "1")]["base_version"] == "1"
+    # no gate ran on the variant: no gate alias; its logged model carries its own numbers, not the base's
+    assert listed[(f"{NAME}-w8a8", "1")]["aliases"] == "" and listed[(f"{NAME}-w8a8", "1")]["base_version"] == "1"
+    import mlflow
+
+    client = mlflow.MlflowClient(store_of(params).uri)
+    variant = client.get_model_version(f"{NAME}-w8a8", "1")
+    assert "not gated" in variant.description
+    base = client.get_model_version(NAME, "1")
+    assert base.description.startswith("Gate promoted: perplexity 250") and f"{NAME}-w8a8 v1" in base.description
+    assert "llmops pipeline" in client.get_registered_model(NAME).description
+    model_id = variant.model_id or variant.source.removeprefix("models:/")  # the logged model the version was made from
+    variant_metrics = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert variant_metrics["size_ratio"] == 0.5 and "perplexity" not in variant_metrics  # 250.0 is the base's
 
 
 def test_unreachable_prefect_api_does_not_fail_the_stage(proj, monkeypatch):
