@@ -202,8 +202,9 @@ def test_two_runs_with_one_seed_in_two_processes_write_byte_identical_model_dire
         digests.append({d: directory_digests(proj / d) for d in ("models/pretrain", "models/finetune", "models/adapter")})
     first, second = digests
     tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
-    assert set(first["models/pretrain"]) == {"config.json", "generation_config.json", "model.safetensors", "training_summary.json", *tokenizer_files}
+    marker = ".llmops-output"  # every stage output carries it (a stage replaces only folders it wrote)
+    assert set(first["models/pretrain"]) == {"config.json", "generation_config.json", "model.safetensors", "training_summary.json", marker, *tokenizer_files}
     assert set(first["models/finetune"]) == set(first["models/pretrain"]) | {"chat_template.jinja"}
-    assert set(first["models/adapter"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "chat_template.jinja", *tokenizer_files}
+    assert set(first["models/adapter"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "chat_template.jinja", marker, *tokenizer_files}
     assert first == second
     assert json.loads((tmp_path / "first/metrics/pretrain.json").read_text())["tokens_per_s"] > 0, "timings are still reported"
