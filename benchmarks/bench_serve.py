@@ -1,17 +1,23 @@
-"""Serving throughput and latency on CPU: `transformers serve` with continuous batching behind our proxy, vs a naive loop.
+"""Serving throughput and latency on CPU: the proxy's cost in front of the same backend, and the CPU backend vs a naive loop.
 
-Baseline: one request at a time, `model.generate` in this process (greedy, the same prompts, the same
-max new tokens), the way a hand-written server without batching answers. Served: the project's real path
-(`llmops.serving.server.serving`: transformers serve --continuous-batching on a private port, the API-key
-proxy on the public one) driven by `llmops.serving.probes.load_test` (AsyncOpenAI, streamed completions)
-at 1, 4 and 16 concurrent clients. Every row sends the same `--requests` prompts.
+Served: the project's real path (`llmops.serving.server.serving`: transformers serve's app with continuous batching
+on a private Unix socket, the API-key proxy on the public port), driven by `llmops.serving.probes.load_test`
+(AsyncOpenAI, streamed completions) at 1, 4 and 16 concurrent clients, twice per round: once through the proxy,
+once straight at the backend's socket (the same process, the same model id the proxy forwards to). Rounds
+alternate the two, so noise from other work on the machine falls on both alike; each row is the median round.
+
+Baseline: one request at a time, `model.generate` in this process (greedy, the same prompts, the same max new
+tokens), the way a hand-written server without batching answers: its tokens/s is the same whatever the number
+of clients, so each served row is compared with it. It runs with torch's default threads and, when it differs,
+with the backend's serve.torch_threads, so the ratio shows what batching gains beyond the thread setting.
 
 The model: `--model DIR` (e.g. models/finetune), else the `tiny` preset of params.yaml (the CPU default,
 ~3M parameters) with random weights and a 2,048-token BPE trained on stdlib code, saved in a temp directory.
 Random weights do not change the cost per token; greedy decoding of a random model rarely stops early,
-and both sides count the tokens they actually generated.
+and both sides count the tokens they actually generated. `--serve KEY=VALUE` overrides a serve param
+(e.g. cb_block_size=64) for one run, to compare settings.
 
-    .venv/bin/python benchmarks/bench_serve.py [--requests 64] [--max-tokens 32] [--clients 1 4 16] [--model DIR]
+    .venv/bin/python benchmarks/bench_serve.py [--requests 64] [--max-tokens 32] [--clients 1 4 16] [--rounds 3] [--model DIR] [--serve KEY=VALUE ...]
 
 Prints a markdown table and writes benchmarks/results/serve.json (gitignored).
 """
@@ -56,13 +62,17 @@ def tiny_model(out: Path) -> Path:
     return out
 
 
-def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
-    """One request at a time: tokenize, generate (greedy), decode; latency per request, tokens actually generated."""
+def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int, torch_threads: int) -> dict:
+    """One request at a time: tokenize, generate (greedy), decode; latency per request, tokens actually generated.
+
+    `torch_threads` 0 keeps torch's default (one per core).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmops.serving.probes import RequestResult
 
+    torch.set_num_threads(torch_threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():  # warm-up, not timed (the server gets its first requests before timing too)
@@ -80,19 +90,32 @@ def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
     return summarize(results, time.perf_counter() - start, clients=1)
 
 
-def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: int, workdir: Path) -> list[dict]:
-    from llmops.serving.backends import inspect_model
+def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: int, rounds: int, overrides: dict[str, str], workdir: Path) -> tuple[list[dict], dict]:
+    """Rows for each client count: through the proxy and straight at the backend socket, the median of `rounds` alternating runs each."""
+    from llmops.serving.backends import backend_model_id, inspect_model
     from llmops.serving.probes import load_test
     from llmops.serving.server import serving
 
-    cfg = load_params(ROOT / "params.yaml").serve.model_copy(update={"health_timeout_s": 300, "request_timeout_s": 600})
+    cfg = load_params(ROOT / "params.yaml").serve
+    cfg = cfg.model_validate(cfg.model_dump() | {"health_timeout_s": 300, "request_timeout_s": 600} | overrides)
     key = "bench-" + os.urandom(8).hex()
     rows = []
     with serving(inspect_model(model_dir, "bench"), cfg, "transformers", key, port=0, log_dir=workdir / "logs") as server:
-        load_test(server.openai_base_url, key, "bench", clients=4, requests=8, max_tokens=4, timeout_s=600)  # warm-up
+        targets = {
+            "direct": {"base_url": "http://backend/v1", "model": backend_model_id("transformers", server.model), "uds": str(server.backend_socket)},
+            "proxy": {"base_url": server.openai_base_url, "model": "bench"},
+        }
+        for target in targets.values():  # warm-up, not timed
+            load_test(api_key=key, clients=4, requests=8, max_tokens=4, timeout_s=600, **target)
         for clients in clients_list:
-            rows.append(load_test(server.openai_base_url, key, "bench", clients=clients, requests=requests, max_tokens=max_tokens, timeout_s=600))
-    return rows
+            runs: dict[str, list[dict]] = {name: [] for name in targets}
+            for _ in range(rounds):
+                for name, target in targets.items():
+                    runs[name].append(load_test(api_key=key, clients=clients, requests=requests, max_tokens=max_tokens, timeout_s=600, **target))
+            for name, results in runs.items():
+                median = sorted(results, key=lambda r: r["tokens_per_s"])[len(results) // 2]
+                rows.append(median | {"mode": name, "rounds_tokens_per_s": [round(r["tokens_per_s"], 1) for r in results]})
+    return rows, cfg.model_dump()
 
 
 def main() -> None:
@@ -100,29 +123,41 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating proxy/direct runs per client count; the median is reported")
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE", help="override a serve param for this run")
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.serve)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
         model_dir = args.model.resolve() if args.model else tiny_model(workdir / "tiny")
         prompts = [LOAD_PROMPTS[i % len(LOAD_PROMPTS)] for i in range(args.requests)]
-        print(f"model {model_dir if args.model else 'tiny preset (random weights)'}; {args.requests} requests x {args.max_tokens} tokens; {os.cpu_count()} CPU cores", flush=True)
-        baseline = naive_loop(model_dir, prompts, args.max_tokens)
-        print(f"naive generate loop: {baseline['tokens_per_s']:.1f} tokens/s", flush=True)
-        rows = served(model_dir, args.clients, args.requests, args.max_tokens, workdir)
+        print(f"model {model_dir if args.model else 'tiny preset (random weights)'}; {args.requests} requests x {args.max_tokens} tokens; {os.cpu_count()} CPU cores; serve overrides {overrides or 'none'}", flush=True)
+        threads = int(overrides.get("torch_threads", load_params(ROOT / "params.yaml").serve.torch_threads))
+        naive = {f"naive loop, {n or 'default'} torch threads": naive_loop(model_dir, prompts, args.max_tokens, n) for n in dict.fromkeys([0, threads])}
+        for name, row in naive.items():
+            print(f"{name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
+        rows, serve_cfg = served(model_dir, args.clients, args.requests, args.max_tokens, args.rounds, overrides, workdir)
 
+    direct = {r["clients"]: r["tokens_per_s"] for r in rows if r["mode"] == "direct"}
+    baselines = list(naive.values())
+    versus_naive = " | ".join(f"vs naive ({name.split(', ')[1]})" for name in naive)
     print()
-    print("| mode | clients | requests | errors | tokens | wall s | tokens/s | req/s | p50 s | p95 s | TTFT p50 s | tokens/s vs naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, row in [("naive generate loop", baseline)] + [("transformers serve + proxy", r) for r in rows]:
+    print(f"| mode | clients | requests | errors | tokens | wall s | tokens/s (rounds) | p50 s | p95 s | TTFT p50 s | {versus_naive} | proxy / direct |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(naive) + "---|")
+    names = {"direct": "backend socket, no proxy", "proxy": "through the proxy"}
+    for name, row in list(naive.items()) + [(names[r["mode"]], r) for r in rows]:
         ttft = "-" if np.isnan(row["ttft_p50_s"]) else f"{row['ttft_p50_s']:.3f}"
+        rounds = f" ({', '.join(map(str, row['rounds_tokens_per_s']))})" if "rounds_tokens_per_s" in row else ""
+        versus = f"{row['tokens_per_s'] / direct[row['clients']]:.3f}" if row.get("mode") == "proxy" else "-"
+        ratios = " | ".join(f"{row['tokens_per_s'] / b['tokens_per_s']:.2f}x" for b in baselines)
         print(
-            f"| {name} | {row['clients']} | {row['requests']} | {row['errors']} | {row['completion_tokens']} | {row['wall_s']:.1f} | {row['tokens_per_s']:.1f} | "
-            f"{row['requests_per_s']:.2f} | {row['latency_p50_s']:.3f} | {row['latency_p95_s']:.3f} | {ttft} | {row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x |"
+            f"| {name} | {row['clients']} | {row['requests']} | {row['errors']} | {row['completion_tokens']} | {row['wall_s']:.1f} | {row['tokens_per_s']:.1f}{rounds} | "
+            f"{row['latency_p50_s']:.3f} | {row['latency_p95_s']:.3f} | {ttft} | {ratios} | {versus} |"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"machine": platform.platform(), "cpus": os.cpu_count(), "requests": args.requests, "max_tokens": args.max_tokens, "naive": baseline, "served": rows}
+    out = {"machine": platform.platform(), "cpus": os.cpu_count(), "requests": args.requests, "max_tokens": args.max_tokens, "serve": serve_cfg, "naive": naive, "served": rows}
     (RESULTS / "serve.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"\nwritten {RESULTS / 'serve.json'}")
 

@@ -229,6 +229,7 @@ def serve(
     except LlmopsError as exc:
         _fail(exc)
     key_from = f"${env.API_KEY}" if env.get(env.API_KEY) else f"the file {cfg.api_key_file}"
+    failure = ""
     try:
         if ref.name:  # a registered version: its lineage shows where it is served while this runs
             record_endpoint(ref.name, ref.version, server.url, store)
@@ -236,7 +237,9 @@ def serve(
         console.print(f"logs: {server.log_dir}; Ctrl-C to stop")
         while server.running():
             time.sleep(1)
-        console.print("[bold red]a server process exited[/]; see the logs above")
+        # The supervisor restarts a dead or unhealthy backend up to serve.max_restarts times; past that it stops all.
+        failure = getattr(server, "failure", "") or "a server process exited"
+        console.print(f"[bold red]{escape(failure)}[/]; logs: {server.log_dir}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -246,6 +249,8 @@ def serve(
                 clear_endpoint(ref.name, ref.version, server.url, store)
             except Exception as exc:  # the server is down either way; a stale tag only makes lineage probe a dead URL
                 console.print(f"could not remove the {ENDPOINT_TAG} tag of {ref.name} v{ref.version}: {exc}")
+    if failure:
+        raise typer.Exit(code=1)  # so a supervisor (systemd, k8s) restarts it
     console.print("stopped")
 
 

@@ -25,6 +25,9 @@ MICRO = {
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
     "tie_word_embeddings": True,
+    # The context the served model declares: the proxy refuses prompt + max_tokens beyond it, and the deploy smoke and
+    # load tests send ~30-token prompts (training still uses pretrain.seq_len blocks).
+    "max_position_embeddings": 256,
 }
 CORPUS_FILES = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))[:20]
 

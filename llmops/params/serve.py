@@ -16,15 +16,26 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, le=65535)  # 0 = a free port
     backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto = vllm where it is installed and a GPU is present
     device: str = "cpu"  # transformers backend: cpu | cuda | auto
-    cb_num_blocks: int = Field(128, ge=0)  # transformers backend: KV-cache blocks (256 tokens each); 0 = sized from free memory (slow on CPU)
+    cb_num_blocks: int = Field(1024, ge=0)  # transformers backend: KV-cache blocks of cb_block_size tokens; 0 = sized from free memory (slow on CPU)
+    cb_block_size: int = Field(32, ge=4)  # transformers backend: tokens per KV-cache block (the proxy admits requests by the block)
     cb_max_batch_tokens: int = Field(1024, ge=0)  # transformers backend: tokens per continuous batch; 0 = library default
+    torch_threads: int = Field(1, ge=0)  # transformers backend: torch intra-op threads; 0 = torch's default (one per core)
     api_key_file: str = ".secrets/llmops_api_key"  # read when $LLMOPS_API_KEY is unset; created (mode 0600, random key) if missing
     health_timeout_s: float = Field(300.0, gt=0)  # /health must answer 200 within this after launch
     max_model_len: int = Field(2048, ge=16)  # vllm --max-model-len
     tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size (GPUs per replica)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of GPU memory for weights + KV cache
     max_lora_rank: int = Field(16, ge=1)  # vllm --max-lora-rank when the model is a LoRA adapter
-    request_timeout_s: float = Field(120.0, gt=0)  # per request, smoke and load tests
+    request_timeout_s: float = Field(120.0, gt=0)  # per request: the proxy's upstream limit, the smoke and load tests
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # proxy: larger request bodies get 413
+    client_timeout_s: float = Field(15.0, gt=0)  # proxy: a client must send a request's head within this, and its body within as long again
+    max_tokens: int = Field(0, ge=0)  # proxy: cap on a request's max_tokens; 0 = what the context (and KV cache) leaves after the prompt
+    max_n: int = Field(4, ge=1)  # proxy: choices per request (n or best_of, times the prompts)
+    max_connections: int = Field(256, ge=1)  # proxy: concurrent connections; more get 503
+    supervise_interval_s: float = Field(5.0, gt=0)  # `llmops serve` checks its processes and /health this often
+    unhealthy_checks: int = Field(3, ge=1)  # consecutive failed /health checks before the backend is restarted
+    max_restarts: int = Field(3, ge=0)  # restarts allowed within restart_window_s; one more and the server stops (exit 1)
+    restart_window_s: float = Field(600.0, gt=0)
     smoke_max_tokens: int = Field(16, ge=1)
     load_clients: int = Field(8, ge=1)  # concurrent clients of the load test
     load_requests: int = Field(32, ge=1)  # requests in all, shared by the clients

@@ -103,18 +103,12 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def _executable(name: str) -> str:
-    """The console script of this environment (beside sys.executable), else the one on PATH (launch says so if neither exists)."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name) or name
-
-
-def vllm_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
-    """`vllm serve` on 127.0.0.1:port. Compressed-tensors checkpoints need no --quantization: vLLM reads their config."""
+def vllm_command(model: ServedModel, cfg: ServeConfig, uds: Path) -> list[str]:
+    """`vllm serve` on the Unix socket `uds` (no TCP port). Compressed-tensors checkpoints need no --quantization: vLLM reads their config."""
     weights = model.adapter_base or model.path
     cmd = [
         vllm_executable() or "vllm", "serve", str(weights),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--uds", str(uds),
         "--max-model-len", str(cfg.max_model_len),
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),
         "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
@@ -129,19 +123,18 @@ def vllm_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
     return cmd
 
 
-def transformers_command(model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
-    """`transformers serve` on 127.0.0.1:port with the model preloaded and continuous batching on."""
+def transformers_command(model: ServedModel, cfg: ServeConfig, uds: Path) -> list[str]:
+    """`transformers serve`'s app with the model preloaded and continuous batching on, on the Unix socket `uds` (llmops.serving.cpu_backend)."""
     if model.adapter_base is not None:
         raise ServeError(
             f"{model.path} is a LoRA adapter: the transformers backend serves full models. Serve the merged model "
             "(paths.finetune_model) or use --backend vllm, which serves adapters with --enable-lora."
         )
     cmd = [
-        _executable("transformers"), "serve", str(model.path),
+        sys.executable, "-m", "llmops.serving.cpu_backend", str(model.path),
+        "--uds", str(uds),
         "--device", cfg.device,
-        "--continuous-batching",
-        "--no-trust-remote-code",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--cb-block-size", str(cfg.cb_block_size),
         "--log-level", "warning",
     ]  # fmt: skip
     # Left unset, the KV cache is sized from free memory: on a CPU host that allocates most of RAM on the first request.
@@ -149,11 +142,36 @@ def transformers_command(model: ServedModel, cfg: ServeConfig, port: int) -> lis
         cmd += ["--cb-num-blocks", str(cfg.cb_num_blocks)]
     if cfg.cb_max_batch_tokens:
         cmd += ["--cb-max-batch-tokens", str(cfg.cb_max_batch_tokens)]
+    if cfg.torch_threads:
+        cmd += ["--torch-threads", str(cfg.torch_threads)]
     return cmd
 
 
-def backend_command(backend: str, model: ServedModel, cfg: ServeConfig, port: int) -> list[str]:
-    return vllm_command(model, cfg, port) if backend == "vllm" else transformers_command(model, cfg, port)
+def backend_command(backend: str, model: ServedModel, cfg: ServeConfig, uds: Path) -> list[str]:
+    return vllm_command(model, cfg, uds) if backend == "vllm" else transformers_command(model, cfg, uds)
+
+
+def context_tokens(backend: str, model: ServedModel, cfg: ServeConfig) -> int:
+    """Prompt + generated tokens one request may hold: the model's max_position_embeddings (vLLM: also --max-model-len)."""
+    config = _read_json((model.adapter_base or model.path) / "config.json")
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if backend == "vllm":
+        return min(cfg.max_model_len, int(positions)) if positions else cfg.max_model_len
+    if not positions:
+        raise ServeError(f"{model.path}/config.json has no max_position_embeddings: the proxy cannot bound prompt + max_tokens.")
+    return int(positions)
+
+
+def kv_cache_blocks(backend: str, cfg: ServeConfig) -> int:
+    """KV-cache blocks the proxy shares out among requests (transformers backend with a fixed cache); 0 = the backend manages its own."""
+    return cfg.cb_num_blocks if backend == "transformers" else 0
+
+
+def tokenizer_dir(model: ServedModel) -> Path:
+    """Where the served tokenizer lives: the adapter's own when it has one, else the model's (the adapter's base)."""
+    if model.adapter_base is not None and not (model.path / "tokenizer.json").exists():
+        return model.adapter_base
+    return model.path
 
 
 def backend_model_id(backend: str, model: ServedModel) -> str:

@@ -78,14 +78,16 @@ async def _one_request(client: Any, model: str, prompt: str, max_tokens: int) ->
     return RequestResult(True, time.perf_counter() - start, ttft, usage_tokens or chunks)
 
 
-async def _run_load(base_url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int, timeout_s: float) -> tuple[list[RequestResult], float]:
+async def _run_load(base_url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int, timeout_s: float, uds: str | None) -> tuple[list[RequestResult], float]:
+    import httpx
     from openai import AsyncOpenAI
 
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(LOAD_PROMPTS[i % len(LOAD_PROMPTS)])
     results: list[RequestResult] = []
-    async with AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0) as client:
+    http_client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=uds), timeout=timeout_s) if uds else None
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0, http_client=http_client) as client:
 
         async def worker() -> None:
             while True:
@@ -122,11 +124,15 @@ def summarize(results: list[RequestResult], wall_s: float, clients: int) -> dict
     }
 
 
-def load_test(base_url: str, api_key: str, model: str, *, clients: int, requests: int, max_tokens: int, timeout_s: float) -> dict[str, Any]:
-    """`requests` streamed completions from `clients` concurrent clients: latency and TTFT percentiles, tokens/s, errors."""
+def load_test(base_url: str, api_key: str, model: str, *, clients: int, requests: int, max_tokens: int, timeout_s: float, uds: str | None = None) -> dict[str, Any]:
+    """`requests` streamed completions from `clients` concurrent clients: latency and TTFT percentiles, tokens/s, errors.
+
+    `uds` sends them over that Unix socket instead of TCP (base_url then only supplies the path): the benchmark uses it
+    to load the backend directly, without the proxy.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     # A thread of its own, so this works whether or not the caller (a Prefect task) already runs an event loop.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        results, wall_s = pool.submit(asyncio.run, _run_load(base_url, api_key, model, clients, requests, max_tokens, timeout_s)).result()
+        results, wall_s = pool.submit(asyncio.run, _run_load(base_url, api_key, model, clients, requests, max_tokens, timeout_s, uds)).result()
     return summarize(results, wall_s, clients)

@@ -22,6 +22,8 @@ SERVE_OVERRIDES = {
     "load_max_tokens": 8,
     "request_timeout_s": 120,
     "cb_num_blocks": 32,
+    "supervise_interval_s": 1,
+    "unhealthy_checks": 2,
 }
 
 

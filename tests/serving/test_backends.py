@@ -13,12 +13,14 @@ import pytest
 from flows.deploy import gate_failures
 from llmops.params.serve import ServeConfig
 from llmops.common.errors import ConfigError, ServeError
-from llmops.serving.backends import choose_backend, inspect_model, transformers_command, vllm_command, vllm_executable
+from llmops.serving.backends import choose_backend, context_tokens, inspect_model, kv_cache_blocks, transformers_command, vllm_command, vllm_executable
 from llmops.serving.server import api_key
 
 from ..helpers import ROOT
 
 pytestmark = pytest.mark.unit
+
+SOCKET = Path("/run/llmops-serve-x/backend.sock")
 
 
 def flag(cmd: list[str], name: str) -> str:
@@ -35,14 +37,15 @@ def test_vllm_command_serves_the_name_with_params_and_no_quantization_flag(model
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized"}
     (model_copy / "config.json").write_text(json.dumps(config))
     model = inspect_model(model_copy, "llmops-code-w8a8")
-    cmd = vllm_command(model, ServeConfig(max_model_len=1024, tensor_parallel_size=2), port=9001)
+    cmd = vllm_command(model, ServeConfig(max_model_len=1024, tensor_parallel_size=2), uds=SOCKET)
 
     assert cmd[1:3] == ["serve", str(model_copy.resolve())]
     assert model.quantization == "compressed-tensors"
     assert "--quantization" not in cmd  # vLLM reads compressed-tensors from config.json
     assert flag(cmd, "--served-model-name") == "llmops-code-w8a8"
     assert (flag(cmd, "--max-model-len"), flag(cmd, "--tensor-parallel-size")) == ("1024", "2")
-    assert (flag(cmd, "--host"), flag(cmd, "--port")) == ("127.0.0.1", "9001")
+    assert flag(cmd, "--uds") == str(SOCKET)
+    assert "--host" not in cmd and "--port" not in cmd  # the socket is the only way in, and only the proxy's user can open it
     assert flag(cmd, "--generation-config") == "vllm" and flag(cmd, "--load-format") == "safetensors"
     assert "--trust-remote-code" not in cmd and "--api-key" not in cmd  # the key travels in the environment, never argv
 
@@ -53,22 +56,43 @@ def test_vllm_serves_a_lora_adapter_with_enable_lora(model_copy, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_copy), "r": 32, "peft_type": "LORA"}))
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     model = inspect_model(adapter, "llmops-code")
-    cmd = vllm_command(model, ServeConfig(max_lora_rank=16), port=9001)
+    cmd = vllm_command(model, ServeConfig(max_lora_rank=16), uds=SOCKET)
 
     assert cmd[2] == str(model_copy) and "--enable-lora" in cmd
     assert flag(cmd, "--lora-modules") == f"llmops-code={adapter.resolve()}"
     assert flag(cmd, "--max-lora-rank") == "32"
     assert flag(cmd, "--served-model-name") == "llmops-code-base"
     with pytest.raises(ServeError, match="LoRA adapter"):
-        transformers_command(model, ServeConfig(), port=9001)
+        transformers_command(model, ServeConfig(), uds=SOCKET)
 
 
-def test_transformers_command_preloads_the_model_with_continuous_batching_and_no_remote_code(model_copy):
-    cmd = transformers_command(inspect_model(model_copy, "m"), ServeConfig(cb_num_blocks=64), port=9002)
+def test_transformers_command_serves_transformers_app_on_the_socket_with_continuous_batching(model_copy):
+    cmd = transformers_command(inspect_model(model_copy, "m"), ServeConfig(cb_num_blocks=64, cb_block_size=128, torch_threads=2), uds=SOCKET)
 
-    assert cmd[1:3] == ["serve", str(model_copy.resolve())]
-    assert "--continuous-batching" in cmd and "--no-trust-remote-code" in cmd
-    assert (flag(cmd, "--device"), flag(cmd, "--host"), flag(cmd, "--port"), flag(cmd, "--cb-num-blocks")) == ("cpu", "127.0.0.1", "9002", "64")
+    assert cmd[1:4] == ["-m", "llmops.serving.cpu_backend", str(model_copy.resolve())]
+    assert (flag(cmd, "--uds"), flag(cmd, "--device"), flag(cmd, "--cb-num-blocks"), flag(cmd, "--cb-block-size"), flag(cmd, "--torch-threads")) == (str(SOCKET), "cpu", "64", "128", "2")
+    assert "--host" not in cmd and "--port" not in cmd
+
+
+def test_the_cpu_backend_passes_only_options_transformers_serve_takes():
+    """llmops.serving.cpu_backend calls transformers' Serve with these keyword arguments: a release that renames one fails here first."""
+    import inspect
+
+    from transformers.cli.serve import Serve
+
+    taken = set(inspect.signature(Serve).parameters)
+    assert {"force_model", "continuous_batching", "device", "trust_remote_code", "cb_num_blocks", "cb_block_size", "cb_max_batch_tokens", "host", "port", "log_level"} <= taken
+
+
+def test_a_request_may_hold_the_context_and_the_proxy_shares_out_the_kv_cache(model_copy):
+    model = inspect_model(model_copy, "m")
+    positions = json.loads((model_copy / "config.json").read_text())["max_position_embeddings"]
+
+    assert context_tokens("transformers", model, ServeConfig()) == positions
+    assert context_tokens("vllm", model, ServeConfig(max_model_len=positions // 2)) == positions // 2
+    assert context_tokens("vllm", model, ServeConfig(max_model_len=positions * 4)) == positions
+    assert kv_cache_blocks("transformers", ServeConfig(cb_num_blocks=32)) == 32
+    assert kv_cache_blocks("vllm", ServeConfig(cb_num_blocks=32)) == 0  # vLLM schedules its own cache
 
 
 def test_pickle_only_weights_are_refused(model_copy):

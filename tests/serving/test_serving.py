@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,30 +78,6 @@ def test_health_is_open_and_every_other_route_needs_the_key(server):
         assert wrong.headers["www-authenticate"] == "Bearer"
 
 
-def test_backend_admin_routes_are_not_exposed(server):
-    # transformers serve's /reset would unload the model: the proxy serves only /health and /v1.
-    response = httpx.post(f"{server.url}/reset", headers={"Authorization": f"Bearer {API_KEY}"})
-    assert response.status_code == 404
-    assert httpx.get(f"{server.url}/health").status_code == 200
-
-
-@pytest.mark.parametrize("path", ["/v1/../reset", "/v1/%2e%2e/load_model", "/v1/..%2fdocs", "/v1/./../reset", "/v1/completions/../../reset", "/v1/unknown"])
-def test_dot_segments_and_encodings_reach_no_route_but_the_openai_ones(server, path):
-    """http.client sends the path as written (httpx would normalise it away before it left the client)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    url = urlsplit(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    try:
-        conn.request("POST", path, body=b"{}", headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 404, f"{path} answered {response.status}"
-    finally:
-        conn.close()
-    assert httpx.get(f"{server.url}/health").status_code == 200  # the backend was not reset
-
-
 def test_openai_client_lists_completes_and_chats(server):
     from openai import OpenAI
 
@@ -125,6 +103,71 @@ def test_load_test_with_8_concurrent_clients_has_no_errors(server):
 def test_a_wrong_key_fails_the_smoke_test_with_the_reason(server):
     with pytest.raises(ServeError, match="AuthenticationError"):
         smoke_test(server.openai_base_url, "not-the-key", "micro", max_tokens=2, timeout_s=30)
+
+
+def healthy(server: Server) -> bool:
+    try:
+        return httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def completes(server: Server) -> bool:
+    answer = httpx.post(f"{server.url}/v1/completions", json={"model": "micro", "prompt": "def f(x):", "max_tokens": 3}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    return answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_killed_backend_is_restarted_and_serves_again(server):
+    before, killed = len(server.restarts), server.processes[0].pid
+    os.killpg(killed, signal.SIGKILL)
+
+    assert wait_for(lambda: server.processes[0].pid != killed and healthy(server), 120), server.restarts
+    assert server.restarts[before:] == ["backend: the backend process exited with code -9"]
+    assert server.running() and completes(server)
+
+
+def test_a_backend_whose_generation_worker_died_shows_unhealthy_and_is_restarted(server):
+    """The serving user can open the backend's socket: the over-long prompt the proxy refuses, sent there, kills the batching worker."""
+    before, stricken = len(server.restarts), server.processes[0].pid
+    def on_backend(method: str, path: str, **kwargs) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(server.backend_socket)), base_url="http://backend", timeout=60) as backend:
+            return backend.request(method, path, **kwargs)
+
+    assert on_backend("POST", "/v1/completions", json={"model": str(server.model.path), "prompt": "x = 1\n" * 15_000, "max_tokens": 5}).status_code >= 500
+    assert on_backend("GET", "/health").status_code == 503  # the process lives on, its worker does not
+
+    assert wait_for(lambda: not healthy(server), 30), "/health kept saying ok"
+    anonymous = httpx.get(f"{server.url}/health", timeout=60).json()
+    assert anonymous.get("status") in ("unhealthy", "unavailable") and "detail" not in anonymous  # what the backend said is for the key holder
+    assert wait_for(lambda: server.processes[0].pid != stricken and healthy(server), 120), server.restarts
+    assert len(server.restarts) == before + 1 and "/health answered 503" in server.restarts[-1]
+    assert completes(server)
+
+
+def test_restarts_are_bounded_then_the_server_stops(project, micro_model):
+    model_dir = shutil.copytree(micro_model, project / "bounded-model")
+    cfg = load_params(project / "params.yaml").serve.model_copy(update={"max_restarts": 1})
+    server = start(inspect_model(model_dir, "micro"), cfg, "transformers", API_KEY, port=0, log_dir=project / "logs-bounded")
+    try:
+        first = server.processes[0].pid
+        os.killpg(first, signal.SIGKILL)
+        assert wait_for(lambda: server.processes[0].pid != first and healthy(server), 120), server.restarts
+        os.killpg(server.processes[0].pid, signal.SIGKILL)
+
+        assert wait_for(lambda: not server.running(), 60), "the server kept running past serve.max_restarts"
+        assert "serve.max_restarts" in server.failure and len(server.restarts) == 1
+        assert server_processes_left(model_dir) == [] and not server.socket_dir.exists()
+    finally:
+        server.stop()
 
 
 def test_health_timeout_stops_the_server_and_says_why(project, micro_model):
