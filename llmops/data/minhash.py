@@ -176,23 +176,19 @@ def exact_firsts(keys: np.ndarray) -> np.ndarray:
     return first[inverse.reshape(-1)].astype(np.int64)
 
 
-def candidate_pairs(sigs: np.ndarray, positions: np.ndarray, bands: int) -> np.ndarray:
-    """(i, j) positions, i < j, of documents in `positions` whose signatures agree on a whole band (unique, sorted)."""
-    rows = sigs.shape[1] // bands
+def band_pairs(sigs: np.ndarray, positions: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """(i, j) positions, i < j, of documents in `positions` whose signatures agree on band `band` (a sort by band key)."""
+    slices = np.ascontiguousarray(sigs[positions, band * rows : (band + 1) * rows]).view(np.dtype((np.void, rows * 4))).reshape(-1)
+    order = np.argsort(slices, kind="stable")
+    ordered = slices[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(ordered)]
     found = []
-    for band in range(bands):
-        slices = np.ascontiguousarray(sigs[positions, band * rows : (band + 1) * rows]).view(np.dtype((np.void, rows * 4))).reshape(-1)
-        order = np.argsort(slices, kind="stable")
-        ordered = slices[order]
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        ends = np.r_[starts[1:], len(ordered)]
-        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = np.sort(positions[order[start:end]])
-            i, j = np.triu_indices(len(members), k=1)
-            found.append(np.stack([members[i], members[j]], axis=1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        members = np.sort(positions[order[start:end]])
+        i, j = np.triu_indices(len(members), k=1)
+        found.append(np.stack([members[i], members[j]], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
 
 
 def similarity(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -205,11 +201,23 @@ def similarity(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_pairs(cfg: DedupConfig, sigs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Verified near-duplicate pairs among `positions`: (pairs (i, j) with i < j, their estimated Jaccard)."""
-    pairs = candidate_pairs(sigs, positions, lsh_bands(cfg.threshold, cfg.num_perm))
-    sims = similarity(sigs, pairs)
-    keep = sims >= cfg.threshold
-    return pairs[keep], sims[keep]
+    """Verified near-duplicate pairs among `positions`: (pairs (i, j) with i < j, their estimated Jaccard).
+
+    Band by band, each band's new candidates are verified at once and only the verified pairs are kept (as one
+    int64 code i * n + j each), so memory follows the verified pairs, not every candidate of every band; the
+    result is the same as verifying the union of all bands' candidates."""
+    bands = lsh_bands(cfg.threshold, cfg.num_perm)
+    rows, n = cfg.num_perm // bands, max(len(sigs), 1)
+    verified = np.zeros(0, dtype=np.int64)
+    for band in range(bands):
+        pairs = band_pairs(sigs, positions, band, rows)
+        codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
+        codes = codes[~np.isin(codes, verified, assume_unique=True)]
+        if len(codes):
+            sims = similarity(sigs, np.stack([codes // n, codes % n], axis=1))
+            verified = np.union1d(verified, codes[sims >= cfg.threshold])
+    pairs = np.stack([verified // n, verified % n], axis=1)
+    return pairs, similarity(sigs, pairs)
 
 
 def clusters_keep_first(n: int, pairs: np.ndarray) -> np.ndarray:
