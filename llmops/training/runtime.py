@@ -339,10 +339,10 @@ def fit(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
-    callback.flush()
     eval_loss = float("nan")
     if eval_dataset is not None and len(eval_dataset):
-        eval_loss = float(trainer.evaluate(eval_dataset)["eval_loss"])
+        eval_loss = float(trainer.evaluate(eval_dataset)["eval_loss"])  # also the last point of the eval_loss curve
+    callback.flush()
     history = [dict(e) for e in trainer.state.log_history]
     losses = [e["loss"] for e in history if "loss" in e]
     tail = losses[-max(1, len(losses) // 10) :] if losses else [float(output.training_loss)]

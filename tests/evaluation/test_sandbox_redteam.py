@@ -35,6 +35,8 @@ from ..conftest import ROOT
 
 pytestmark = pytest.mark.eval
 
+# A checkout under /tmp is hidden in the sandbox (a tmpfs covers /tmp there): its files are then not even visible.
+READ_ONLY_OR_HIDDEN = "Read-only file system|No such file or directory"
 TAG = secrets.token_hex(3)  # in every name this module creates, so that concurrent runs do not collide
 POSTGRES_SOCKET = "/var/run/postgresql/.s.PGSQL.5432"  # a real server with local trust on the test machines
 SECRET = f"redteam-secret-{secrets.token_hex(8)}"
@@ -63,14 +65,14 @@ def attack(source: str, **kwargs) -> Attack:
 ATTACKS = {
     # --- files outside the working directory
     "write_into_the_repo": attack(
-        "open('@REPO@/llmops-redteam-@TAG@.txt', 'w').write('escaped')\n", evidence="Read-only file system"
+        "open('@REPO@/llmops-redteam-@TAG@.txt', 'w').write('escaped')\n", evidence=READ_ONLY_OR_HIDDEN
     ),
     "write_into_a_world_writable_dir_in_host_tmp": attack(
         "open('@HOST_TMP@/escaped.txt', 'w').write('escaped')\n", evidence="No such file or directory"
     ),
     "write_into_root_home": attack("open('/root/llmops-redteam-@TAG@.txt', 'w').write('escaped')\n", evidence="Read-only file system"),
     "write_into_etc": attack("open('/etc/llmops-redteam-@TAG@.txt', 'w').write('escaped')\n", evidence="Read-only file system"),
-    "read_a_root_only_secret": attack("print(open('@SECRET_FILE@').read())\n", evidence="Permission denied"),
+    "read_a_root_only_secret": attack("print(open('@SECRET_FILE@').read())\n", evidence="Permission denied|No such file or directory"),
     # --- sockets
     "unix_connect_to_postgresql": attack(
         f"""
@@ -451,7 +453,7 @@ def test_the_hostile_program_fails(name, outcomes):
     assert isinstance(out, Outcome), f"run_program raised instead of reporting a failed program: {out!r}"
     assert not out.passed, f"ATTACK SUCCEEDED ({name}): {out.output[-800:]}"
     assert out.status == attack.status, out.output[-800:]
-    assert attack.evidence in out.output, out.output[-800:]
+    assert any(reason in out.output for reason in attack.evidence.split("|")), out.output[-800:]
     if attack.exit_code is not None:
         assert out.exit_code == attack.exit_code, out.output[-800:]
 

@@ -104,7 +104,7 @@ def test_reproduce_rebuilds_the_model_at_its_commit_and_matches_every_metric(ret
     console = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 0, console[-3000:]
     assert "reproduced:" in console and "NO" not in out.stdout
-    assert "val_loss" in out.stdout and "perplexity.perplexity" in out.stdout
+    assert "eval_loss" in out.stdout and "perplexity.perplexity" in out.stdout
     # CPU training with fixed seeds is deterministic: the same commit and data give the same model directories, byte for
     # byte (DVC md5), not just close metrics
     outs = lock_outs(repo)

@@ -156,7 +156,7 @@ def test_two_process_ddp_on_gloo_matches_one_process_under_torchrun_and_accelera
         two = results[name]
         assert two["processes"] == 2, name
         assert two["steps"] == one["steps"] and two["tokens"] == one["tokens"], name
-        assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.02), name
+        assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=0.02), name
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=0.02), name
 
 
@@ -171,4 +171,4 @@ def test_gradient_checkpointing_changes_memory_not_results(tokenized, tmp_path, 
         params = micro_params(pretrain={"token_budget": 4 * 32 * 8}, train={"gradient_checkpointing": flag, "device": "cpu"})
         losses[flag] = run_stage("pretrain", load_params(write_params(proj, params)), track=False).metrics
     assert losses[True]["steps"] == losses[False]["steps"] == 8
-    assert losses[True]["val_loss"] == pytest.approx(losses[False]["val_loss"], abs=1e-4)
+    assert losses[True]["eval_loss"] == pytest.approx(losses[False]["eval_loss"], abs=1e-4)

@@ -128,7 +128,7 @@ def test_a_silent_stage_is_stopped_soon_after_the_reader_of_the_runs_output_dies
         closed = time.monotonic()
         assert run.wait(timeout=30) == 0
         stage.wait(timeout=10)  # psutil.TimeoutExpired, a failure, if the stage is still running
-        assert time.monotonic() - closed < 5, "the stage outlived its unread run"
+        assert time.monotonic() - closed < 20, "the stage outlived its unread run"  # it sleeps 120 s: 20 s allows a loaded machine
     finally:
         if run.poll() is None:
             run.kill()
