@@ -35,11 +35,6 @@ def validation_mask(ids: list[str], cfg: TokenizeConfig) -> np.ndarray:
     return mask
 
 
-def split_documents(ids: list[str], texts: list[str], cfg: TokenizeConfig) -> tuple[list[str], list[str]]:
-    mask = validation_mask(ids, cfg)
-    return [t for t, v in zip(texts, mask, strict=True) if not v], [t for t, v in zip(texts, mask, strict=True) if v]
-
-
 def bpe_sample(ids: list[str], sizes: np.ndarray, candidates: np.ndarray, budget: int, seed: int) -> np.ndarray:
     """The documents the BPE learns from: candidates in the order of a hash of their id, taken while the bytes fit
     `budget` (0 = all); a mask over every document, so the sample is the same whatever the shard layout."""
