@@ -104,10 +104,17 @@ class DocIndex:
 
     @classmethod
     def of_texts(cls, cfg: DedupConfig, ids: list[str], texts: list[str], sigs: np.ndarray | None = None) -> DocIndex:
+        keyed = cls.keyed(ids, texts)
+        keyed.sigs = signatures(cfg, texts) if sigs is None else sigs
+        return keyed
+
+    @classmethod
+    def keyed(cls, ids: list[str], texts: list[str]) -> DocIndex:
+        """Everything but the signatures (left empty)."""
         return cls(
             ids=list(ids),
             keys=np.array([exact_key(t) for t in texts], dtype="S32"),
-            sigs=signatures(cfg, texts) if sigs is None else sigs,
+            sigs=np.zeros((0, 0), np.uint32),
             has_shingles=np.array([bool(t.split()) for t in texts], dtype=bool),
             text_bytes=np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64),
         )
@@ -129,14 +136,9 @@ def _shard_keys(shard: Path) -> DocIndex:
     """Pass 1 on one shard (in a worker): ids, exact keys, shingles present, sizes; no signatures yet."""
     import pyarrow.parquet as pq
 
-    ids, keys, has, sizes = [], [], [], []
-    for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["id", "text"]):
-        texts = batch.column("text").to_pylist()
-        ids += batch.column("id").to_pylist()
-        keys += [exact_key(t) for t in texts]
-        has += [bool(t.split()) for t in texts]
-        sizes += [len(t.encode("utf-8", "surrogatepass")) for t in texts]
-    return DocIndex(ids, np.array(keys, dtype="S32"), np.zeros((0, 0), np.uint32), np.array(has, dtype=bool), np.array(sizes, dtype=np.int64))
+    batches = pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["id", "text"])
+    parts = [DocIndex.keyed(b.column("id").to_pylist(), b.column("text").to_pylist()) for b in batches]
+    return DocIndex.concat(parts, 0)
 
 
 def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
