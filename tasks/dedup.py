@@ -71,4 +71,4 @@ def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
         f"dedup: {n} records -> {metrics['docs_out']} kept at {paths.dedup}; removed {exact} exact + "
         f"{metrics['near_duplicates']} near duplicates ({bytes_removed / 1e6:.2f} MB), report at {paths.duplicates}"
     )
-    return StageResult(metrics=metrics, summary=summary)
+    return StageResult(metrics=metrics, summary=summary, facts=("lsh_bands",))

@@ -21,6 +21,9 @@ from llmops.params.evaluate import EvaluateConfig
 from llmops.params.model import ModelConfig
 from llmops.params.paths import PathsConfig
 
+# how much was scored, and how: MLflow params, not metrics
+EVALUATE_FACTS = ("perplexity.tokens", "base_perplexity.tokens", "humaneval.problems", "humaneval.samples_per_problem", "humaneval.sandboxed", "instructions.pairs")
+
 SAMPLES_FILE = "samples.jsonl"
 TABLE_FILE = "eval_samples.json"  # the MLflow table artifact
 
@@ -74,4 +77,4 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, paths: PathsConfig) -> Sta
         f", eval split: {ins['pairs']} pairs, syntax-valid {ins['syntax_valid_rate']:.2f}, exact {ins['exact_match']:.2f}, "
         f"fuzzy {ins['fuzzy_match']:.2f} -> {out / SAMPLES_FILE}"
     )
-    return StageResult(metrics=metrics, summary=summary, artifacts=[out / SAMPLES_FILE])
+    return StageResult(metrics=metrics, summary=summary, artifacts=[out / SAMPLES_FILE], facts=EVALUATE_FACTS)

@@ -25,6 +25,9 @@ from llmops.params.paths import PathsConfig
 from llmops.params.train import TrainConfig
 from llmops.training.instructions import TEMPLATES, build_pairs, cap_pairs, encode_pairs
 
+# configuration and properties of the model built: MLflow params, not metrics
+FINETUNE_FACTS = ("method", "trainable_parameters", "parameters", "steps", "resumed_from_step", "processes")
+
 
 def base_model_dir(model: ModelConfig, paths: PathsConfig) -> str:
     if model.base:
@@ -146,7 +149,7 @@ def run(cfg: FinetuneConfig, train: TrainConfig, base_model: ModelConfig, paths:
         f"{len(eval_examples)} eval pairs, {len(rejected)} quarantined; {fit.steps} steps, eval loss {eval_loss_before:.3f} -> "
         f"{fit.eval_loss:.3f}, {fit.tokens_per_s:,.0f} tokens/s -> {out}"
     )
-    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts)
+    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts, facts=FINETUNE_FACTS)
 
 
 def _evaluate(model: Any, tokenizer: Any, eval_ds: Any, collator: Any, train: Any, optim: Any, run_dir: Path) -> float:

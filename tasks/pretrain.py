@@ -23,6 +23,9 @@ from llmops.params.paths import PathsConfig
 from llmops.params.pretrain import PretrainConfig
 from llmops.params.train import TrainConfig
 
+# configuration and properties of the model built: MLflow params, not metrics
+PRETRAIN_FACTS = ("parameters", "non_embedding_parameters", "architecture", "steps", "resumed_from_step", "processes", "flops_per_token")
+
 
 def run(cfg: PretrainConfig, train: TrainConfig, model: ModelConfig, paths: PathsConfig) -> StageResult:
     out = paths.pretrain_model
@@ -107,4 +110,4 @@ def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: 
         + (f", resumed from step {fit.resumed_from_step}" if fit.resumed_from_step else "")
         + f" -> {out}"
     )
-    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts)
+    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts, facts=PRETRAIN_FACTS)

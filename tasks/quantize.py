@@ -85,4 +85,4 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
     summary = (f"quantize: {'; '.join(parts) or 'no scheme runnable here'}"
                + "".join(f"; {s} skipped ({reason.split(' (')[0]})" for s, reason in skipped.items())
                + f" -> {out}, table {report / TABLE_FILE}")
-    return StageResult(metrics=metrics, summary=summary, artifacts=[report])
+    return StageResult(metrics=metrics, summary=summary, artifacts=[report], facts=("calibration", *(f"{row['scheme']}.threads" for row in rows)))

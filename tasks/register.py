@@ -104,7 +104,7 @@ def run(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking_cfg: TrackingCon
         f"register: {name} version {version_id}{' (same files as before)' if reused else ''} is challenger; gate {verdict}"
         f" ({'; '.join(decision.reasons)}); champion v{champion_after}{f', quantized {quantized}' if variants else ''}; event {event}"
     )
-    return StageResult(metrics=metrics, summary=summary)
+    return StageResult(metrics=metrics, summary=summary, facts=("gate",))
 
 
 def describe(name: str, version_id: str, verdict: str, reasons: list[str], challenger: dict[str, float], variants: dict, store) -> None:

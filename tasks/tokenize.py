@@ -37,6 +37,9 @@ from llmops.params.model import ModelConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.tokenize import TokenizeConfig
 
+# properties of the tokenizer built: MLflow params, not metrics
+TOKENIZE_FACTS = ("vocab_size", "eos_token_id")
+
 
 def _batches(shards: list[Path], batch_docs: int, columns: list[str]) -> Iterator[tuple[int, dict[str, list]]]:
     """(position of the batch's first document, its columns) over every shard, in order."""
@@ -133,4 +136,4 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
         f"tokenize: {meta['train_docs']} train + {meta['val_docs']} val docs -> {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens "
         f"(vocab {meta['vocab_size']}, {metrics['tokens_per_s']:,.0f} tokens/s) at {tokens_dir}; tokenizer at {tokenizer_dir}"
     )
-    return StageResult(metrics=metrics, summary=summary, artifacts=[tokens_dir / REFERENCE_STATS, tokenizer_dir])
+    return StageResult(metrics=metrics, summary=summary, artifacts=[tokens_dir / REFERENCE_STATS, tokenizer_dir], facts=TOKENIZE_FACTS)

@@ -68,7 +68,7 @@ def run_name(flow_run_name: str, overrides: list[str], limit: int = 120) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) and abs(value) >= 1 else f"{value:.4g}"
 
 
@@ -80,5 +80,16 @@ def description(stages: dict[str, dict[str, Any]], headline: dict[str, float], o
     if overrides:
         lines.append(f"**Overrides** (written into params.yaml): `{'`, `'.join(overrides)}`.")
     if headline:
-        lines += ["", "| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in headline.items())]
+        lines += ["", "| metric | value |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in headline.items())]
     return "\n".join(lines)
+
+
+def nested(headline: dict[str, float]) -> dict[str, dict[str, float | int]]:
+    """`quality.pass_at_1` -> {"quality": {"pass_at_1": ...}}: metrics/summary.json, which DVC shows as the same dotted
+    keys. Counts (records, tokens) are written as integers."""
+    out: dict[str, dict[str, float | int]] = {}
+    for key, value in headline.items():
+        group, _, name = key.partition(".")
+        counted = group == "data" or name.endswith("_tokens")
+        out.setdefault(group, {})[name] = int(value) if counted and float(value).is_integer() else value
+    return out

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 TEMPLATE = re.compile(r"\$\{paths\.(\w+)\}")
 MONITOR_METRICS = "monitor.json"  # the drift monitor (a flow, not a DVC stage) writes paths.metrics/monitor.json
 
+# The metrics files the headline reads (llmops/common/headline.py's HEADLINE stages, in DAG order).
+HEADLINE_FILES = ("ingest.json", "validate.json", "dedup.json", "tokenize.json", "pretrain.json", "finetune.json", "eval.json")
+
 # The evaluate keys quantize scores its variants with (held-out perplexity and HumanEval); not compare_base, max_pairs.
 _QUANTIZE_EVALUATE_KEYS = (
     "seq_len", "eval_tokens", "batch_size", "max_problems", "samples_per_problem", "pass_k", "temperature", "top_p",
@@ -30,12 +33,13 @@ _QUANTIZE_EVALUATE_KEYS = (
 @dataclass(frozen=True)
 class Stage:
     name: str  # the dvc.yaml stage and tasks/<name>.py
-    kind: Literal["data", "model", "variants", "registry"]  # data stages add up in record accounting; `llmops reproduce` re-runs the model stages
+    kind: Literal["data", "model", "variants", "registry", "report"]  # data stages add up in record accounting; `llmops reproduce` re-runs the model stages
     params: tuple[str, ...]  # params.yaml keys it reads, as dvc.yaml lists them: a section, or section.key
     inputs: tuple[str, ...]  # data it reads (dvc.yaml deps besides code)
     outputs: tuple[str, ...]  # what it writes (dvc.yaml outs)
     metrics: str  # its metrics file under paths.metrics
     distributed: bool = False  # may run as several processes (train.launcher)
+    dvc_metric: bool = False  # dvc.yaml declares the metrics file under `metrics:` (else under `outs:`, cache: false)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -93,6 +97,9 @@ STAGES: dict[str, Stage] = {
              "${paths.metrics}/eval.json", "${paths.metrics}/quantize.json"),
             (), "register.json",
         ),  # fmt: skip
+        # The headline of the whole pipeline (llmops/common/headline.py): the one file dvc.yaml declares as metrics,
+        # so `dvc metrics show/diff` and `dvc exp show` are a dozen columns; `dvc metrics show metrics/<stage>.json` has the rest.
+        Stage("summary", "report", (), tuple(f"${{paths.metrics}}/{name}" for name in HEADLINE_FILES), (), "summary.json", dvc_metric=True),
     )
 }
 DATA_STAGES = tuple(name for name, stage in STAGES.items() if stage.kind == "data")

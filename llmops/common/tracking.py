@@ -114,6 +114,8 @@ def log_result(result: StageResult, metrics_file: Path) -> None:
     import mlflow
 
     mlflow.log_metrics(result.numeric_metrics())
+    if facts := result.fact_params():
+        mlflow.log_params(facts)  # configuration and fixed properties: params, so metric charts hold measurements only
     mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
     for path in result.artifacts:
         if path.is_dir():

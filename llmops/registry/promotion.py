@@ -78,7 +78,7 @@ def lineage_tags(evaluate: EvaluateConfig, paths: PathsConfig, experiment_id: st
         "llmops.eval_data": eval_data_fingerprint(evaluate, paths),
     }
     tags |= {f"llmops.dvc.{path}": md5 for path, md5 in dvc_lock_outputs(paths.root / "dvc.lock").items()}
-    tags |= {f"llmops.run.{stage}": run_id for stage, run_id in stage_run_ids(experiment_id, [s for s in STAGES if s != "register"]).items()}
+    tags |= {f"llmops.run.{stage}": run_id for stage, run_id in stage_run_ids(experiment_id, [s for s, stage in STAGES.items() if stage.kind not in ("registry", "report")]).items()}
     return tags
 
 

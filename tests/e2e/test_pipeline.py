@@ -40,8 +40,8 @@ def test_flow_runs_every_stage_and_the_records_add_up(repo):
     console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
     assert "pipeline done: ran " in console, console[-3000:]
     ran = console.split("pipeline done: ran ", 1)[1].split(";", 1)[0].split(", ")
-    assert ran[:6] == ["ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"] and ran[-1] == "register"
-    assert sorted(ran[6:-1]) == ["evaluate", "quantize"]  # both only need finetune's model: DVC may order them either way
+    assert ran[:6] == ["ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"] and ran[-2:] == ["register", "summary"]
+    assert sorted(ran[6:-2]) == ["evaluate", "quantize"]  # both only need finetune's model: DVC may order them either way
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -57,7 +57,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize", "register"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize", "register", "summary"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -133,11 +133,14 @@ def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_pa
                  "instructions.exact_match", "instructions.fuzzy_match"):
         assert name in evaluate.data.metrics, name
     assert evaluate.data.metrics["humaneval.pass_at_1"] == eval_metrics["humaneval"]["pass_at_1"]
+    # how much was scored is a param of the run, not a chart
+    assert "humaneval.problems" not in evaluate.data.metrics and evaluate.data.params["humaneval.problems"] == "2"
     assert {"eval_samples.json", "samples.jsonl", "metrics"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     table = json.loads(Path(client.download_artifacts(evaluate.info.run_id, "eval_samples.json", str(tmp_path))).read_text())
     assert len(table["data"]) == 2 + 3 and set(table["columns"]) >= {"task", "prompt", "output", "passed"}
-    shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env)
-    assert "humaneval.pass_at_1" in shown.stdout or '"pass_at_1"' in shown.stdout
+    shown = json.loads(sh(BIN / "dvc", "metrics", "show", "--json", "metrics/eval.json", cwd=repo, env=env).stdout)
+    [(_, workspace)] = shown.items()
+    assert workspace["data"]["metrics/eval.json"]["data"]["humaneval"]["pass_at_1"] == eval_metrics["humaneval"]["pass_at_1"]
 
 
 def test_register_leaves_a_champion_version_with_lineage_tags(repo):
@@ -170,8 +173,25 @@ def test_quantize_logs_the_quantization_table_to_mlflow_and_dvc_metrics(repo, tm
     table = json.loads(Path(client.download_artifacts(quantize.info.run_id, "quantize_table.json", str(tmp_path))).read_text())
     assert [row[table["columns"].index("scheme")] for row in table["data"]][:3] == ["unquantized", "w8a8", "w4a16"]
     assert (repo / "models" / "quantized" / "w8a8" / "config.json").exists()
-    shown = sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env).stdout
+    shown = sh(BIN / "dvc", "metrics", "show", "--json", "metrics/quantize.json", cwd=repo, env=env).stdout
     assert "metrics/quantize.json" in shown and '"size_ratio"' in shown
+
+
+def test_dvc_metrics_show_is_the_headline_and_config_is_params_not_metrics(repo):
+    repo, _, env, _ = repo
+    [(_, workspace)] = json.loads(sh(BIN / "dvc", "metrics", "show", "--json", cwd=repo, env=env).stdout).items()
+    assert list(workspace["data"]) == ["metrics/summary.json"]  # one readable row; each stage's file on request
+    summary = workspace["data"]["metrics/summary.json"]["data"]
+    assert summary["quality"]["pass_at_1"] == metrics(repo, "eval")["humaneval"]["pass_at_1"]
+    assert summary["data"]["kept"] == metrics(repo, "dedup")["docs_out"]
+    assert sum(len(group) for group in summary.values()) <= 16
+    table = sh(BIN / "dvc", "metrics", "show", cwd=repo, env=env).stdout
+    assert max(len(line) for line in table.splitlines()) < 600, table
+    _, runs = mlflow_runs(repo)
+    stage = {r.data.tags.get("llmops.stage"): r for r in runs}
+    for name, fact in (("pretrain", "parameters"), ("finetune", "trainable_parameters"), ("tokenize", "vocab_size"), ("dedup", "lsh_bands")):
+        assert fact not in stage[name].data.metrics and fact in stage[name].data.params, (name, fact)
+    assert stage["pretrain"].data.params["parameters"] == str(metrics(repo, "pretrain")["parameters"])
 
 
 def test_run_ends_with_the_champion_served_tested_and_in_production(repo):

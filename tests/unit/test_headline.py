@@ -49,3 +49,28 @@ def test_description_lists_stages_overrides_and_the_headline_table():
     text = headline.description({"ingest": {"cached": False}, "dedup": {"cached": True}}, {"quality.pass_at_1": 0.5}, ["a.b=1"])
     assert text.splitlines()[0] == "**Stages run:** ingest; **up to date:** dedup."
     assert "`a.b=1`" in text and "| quality.pass_at_1 | 0.5 |" in text
+
+
+def test_the_summary_stage_reads_every_headline_file_and_writes_it_nested(tmp_path):
+    from llmops.common.stages import HEADLINE_FILES, STAGES
+    from tasks import summary
+
+    assert {metrics_file(stage, project_paths(tmp_path)).name for stage, _ in headline.HEADLINE.values()} == set(HEADLINE_FILES)
+    assert STAGES["summary"].inputs == tuple(f"${{paths.metrics}}/{name}" for name in HEADLINE_FILES)
+    paths = project_paths(tmp_path)
+    write(paths, "ingest", {"docs": 100})
+    write(paths, "evaluate", {"humaneval": {"pass_at_1": 0.25}, "perplexity": {"perplexity": 12.5}})
+    result = summary.run(paths)
+    assert result.metrics == {"data": {"records_in": 100}, "quality": {"pass_at_1": 0.25, "perplexity": 12.5}}
+    assert "quality.pass_at_1 0.25" in result.summary
+
+
+def test_facts_go_to_params_and_measurements_to_metrics():
+    from llmops.common.results import StageResult
+
+    result = StageResult(
+        metrics={"parameters": 10, "tokens": 5, "humaneval": {"problems": 2, "pass_at_1": 0.5}, "calibration": {"samples": 4, "seq_len": 8}},
+        summary="", facts=("parameters", "humaneval.problems", "calibration"),
+    )
+    assert result.numeric_metrics() == {"tokens": 5.0, "humaneval.pass_at_1": 0.5}
+    assert result.fact_params() == {"parameters": 10, "humaneval.problems": 2, "calibration.samples": 4, "calibration.seq_len": 8}

@@ -171,8 +171,15 @@ def test_stage_table_matches_dvc_yaml(name):
     assert declared["cmd"] == f"llmops stage {name}"
     assert tuple(declared.get("params") or ()) == stage.params
     assert tuple(split_deps(declared.get("deps") or [])[1]) == stage.inputs
-    assert tuple(declared.get("outs") or ()) == stage.outputs
-    assert [next(iter(m)) for m in declared.get("metrics") or []] == [f"${{paths.metrics}}/{stage.metrics}"]
+    outs = [out if isinstance(out, str) else next(iter(out)) for out in declared.get("outs") or ()]
+    metrics_file = f"${{paths.metrics}}/{stage.metrics}"
+    if stage.dvc_metric:
+        assert tuple(outs) == stage.outputs
+        assert [next(iter(m)) for m in declared.get("metrics") or []] == [metrics_file]
+    else:  # one metrics file per dvc.yaml (summary's): the stage files are plain outputs, never cached
+        assert tuple(outs) == (*stage.outputs, metrics_file)
+        assert declared["outs"][-1] == {metrics_file: {"cache": False}}
+        assert "metrics" not in declared
 
 
 @pytest.mark.parametrize("name", list(STAGES))
