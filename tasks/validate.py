@@ -38,8 +38,8 @@ def run(cfg: ValidateConfig, paths: PathsConfig) -> StageResult:
         "docs_out": docs_out,
         "quarantined": quarantined,
         "pass_rate": pass_rate,
-        "pass_rate_by_expectation": {e["expectation"]: e["pass_rate"] for e in per_expectation},
-        "failed_rows_by_expectation": {e["expectation"]: e["failed_rows"] for e in per_expectation},
+        # MLflow keys rule.<rule>.failed / rule.<rule>.pass_rate; the rule names are build_suite's meta["rule"]
+        "rule": {e["rule"]: {"failed": e["failed_rows"], "pass_rate": e["pass_rate"]} for e in per_expectation},
     }
     if pass_rate < cfg.min_pass_rate:
         worst = sorted(per_expectation, key=lambda e: e["pass_rate"])[:3]
@@ -50,7 +50,7 @@ def run(cfg: ValidateConfig, paths: PathsConfig) -> StageResult:
             f"Rejected rows with reasons: {paths.quarantine}; Data Docs: {docs_dir}/index.html"
         )
     summary = (
-        f"validate: {docs_in} records -> {docs_out} valid ({pass_rate:.2%}) at {paths.validated}, "
-        f"{quarantined} quarantined at {paths.quarantine}; Data Docs at {docs_dir}/index.html"
+        f"validate: passed, {docs_in} records -> {docs_out} valid ({pass_rate:.2%}, at least {cfg.min_pass_rate:.2%} required) "
+        f"at {paths.validated}, {quarantined} quarantined at {paths.quarantine}; Data Docs at {docs_dir}/index.html"
     )
     return StageResult(metrics=metrics, summary=summary, artifacts=[docs_dir])

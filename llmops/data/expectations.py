@@ -1,10 +1,13 @@
-"""The data contract: a Great Expectations suite over a per-record profile, Data Docs, and the split of records into
-valid and quarantined (each with the expectations it failed). The validate stage and the drift monitor both run it.
+"""The data contract: a Great Expectations suite over a per-record profile, offline Data Docs, and the split of records
+into valid and quarantined (each with the rules it failed). The validate stage and the drift monitor both run it.
 
 The expectations run on a per-record profile (length, longest line, NUL and control-char
 counts, alphanumeric ratio, ingest error, id), so each rule is a declared GX expectation and
-the Data Docs stay small even when a record is a 5 MB single line. A record that fails any
-expectation goes to quarantine with the names of the expectations it failed.
+the Data Docs stay small even when a record is a 5 MB single line. Each rule has a short name
+(`meta["rule"]`): the quarantine reason starts with it and the stage's metric keys use it. A record
+that fails any rule goes to quarantine, by design: the rules hold when `min_pass_rate` of the
+records meet them, and a second GX suite, quarantine_gate, checks the share of records that meet
+every rule against `min_pass_rate`, so the Data Docs say "Succeeded" with the count quarantined.
 """
 
 from __future__ import annotations
@@ -53,76 +56,145 @@ def profile_shard(shard: Path) -> pd.DataFrame:
     return profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"]))
 
 
+# GX names the Data Docs show: one run of the stage validates the records against the rules, then the verdict.
+DATASOURCE, RUN_NAME = "llmops", "validate"
+RULES_SUITE, RULES_ASSET = "record_rules", "record_profile"
+GATE_SUITE, GATE_ASSET = "quarantine_gate", "rules_failed_per_record"
+
+
 def build_suite(cfg: ValidateConfig) -> list[Any]:
-    """The data contract. Length/ratio expectations skip nulls, so not-null checks come first."""
+    """The data contract: one expectation per rule, named by `meta["rule"]` (the quarantine reason and metric key).
+
+    A record that breaks a rule is quarantined, not fatal: each per-record rule holds when at least
+    `min_pass_rate` of the records meet it (GX's `mostly`), and the stage's gate on the records that meet every
+    rule is the quarantine_gate suite (`gate_expectation`). Length/ratio expectations skip nulls, so not-null
+    checks come first.
+    """
     import great_expectations.expectations as gxe
 
-    return [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToNotBeNull(column="id"),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
-        gxe.ExpectColumnValuesToNotBeNull(column="text_chars"),
-        gxe.ExpectColumnValuesToBeBetween(column="text_chars", min_value=cfg.min_chars, max_value=cfg.max_chars),
-        gxe.ExpectColumnValuesToBeBetween(column="max_line_chars", max_value=cfg.max_line_chars),
-        gxe.ExpectColumnValuesToBeBetween(column="nul_chars", min_value=0, max_value=0),
-        gxe.ExpectColumnValuesToBeBetween(column="control_char_ratio", max_value=cfg.max_control_char_ratio),
-        gxe.ExpectColumnValuesToBeBetween(column="alnum_ratio", min_value=cfg.min_alnum_ratio),
-        gxe.ExpectColumnValuesToBeNull(column="ingest_error"),
+    most = {"mostly": cfg.min_pass_rate}
+    rules: list[tuple[str, str, Any]] = [
+        ("has_rows", "the corpus has at least one record", gxe.ExpectTableRowCountToBeBetween(min_value=1)),
+        ("id_not_null", "every record has an id", gxe.ExpectColumnValuesToNotBeNull(column="id", **most)),
+        ("id_unique", "ids are unique (both records that share an id are quarantined)", gxe.ExpectColumnValuesToBeUnique(column="id", **most)),
+        ("text_not_null", "every record has a text", gxe.ExpectColumnValuesToNotBeNull(column="text_chars", **most)),
+        (
+            "text_length",
+            f"text_chars is between {cfg.min_chars:,} and {cfg.max_chars:,}",
+            gxe.ExpectColumnValuesToBeBetween(column="text_chars", min_value=cfg.min_chars, max_value=cfg.max_chars, **most),
+        ),
+        (
+            "line_length",
+            f"max_line_chars (the longest line) is at most {cfg.max_line_chars:,}",
+            gxe.ExpectColumnValuesToBeBetween(column="max_line_chars", max_value=cfg.max_line_chars, **most),
+        ),
+        ("no_nul_chars", "nul_chars is 0", gxe.ExpectColumnValuesToBeBetween(column="nul_chars", min_value=0, max_value=0, **most)),
+        (
+            "control_char_ratio",
+            f"control_char_ratio is at most {cfg.max_control_char_ratio:g}",
+            gxe.ExpectColumnValuesToBeBetween(column="control_char_ratio", max_value=cfg.max_control_char_ratio, **most),
+        ),
+        (
+            "alnum_ratio",
+            f"alnum_ratio (letters and digits per char) is at least {cfg.min_alnum_ratio:g}",
+            gxe.ExpectColumnValuesToBeBetween(column="alnum_ratio", min_value=cfg.min_alnum_ratio, **most),
+        ),
+        ("no_ingest_error", "ingest read the file (ingest_error is null)", gxe.ExpectColumnValuesToBeNull(column="ingest_error", **most)),
     ]
+    share = f"{cfg.min_pass_rate:.2%}"
+    for rule, what, expectation in rules:
+        expectation.meta = {"rule": rule}
+        tolerance = "" if rule == "has_rows" else f" (at least {share} of records; the others are quarantined)"
+        expectation.description = f"{rule}: {what}{tolerance}"
+    return [expectation for _, _, expectation in rules]
+
+
+def gate_expectation(cfg: ValidateConfig, quarantined: int, rows: int) -> Any:
+    """The stage's gate as GX sees it, on `rules_failed` per record: at least `min_pass_rate` of records fail none.
+
+    The counts (from the rules' results) go into the description, so the Data Docs say how many were quarantined.
+    """
+    import great_expectations.expectations as gxe
+
+    passed = rows - quarantined
+    rate = f" ({passed / rows:.2%})" if rows else ""
+    return gxe.ExpectColumnValuesToBeBetween(
+        column="rules_failed",
+        max_value=0,
+        mostly=cfg.min_pass_rate,
+        meta={"rule": "pass_rate"},
+        description=(
+            f"pass_rate: {passed:,} of {rows:,} records pass every rule{rate}, at least {cfg.min_pass_rate:.2%} required; "
+            f"{quarantined:,} quarantined"
+        ),
+    )
 
 
 def expectation_name(config: Any) -> str:
-    """'expect_column_values_to_be_between(text_chars, min_value=1, max_value=2000000)'."""
-    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("column", "batch_id") and v is not None}
+    """'text_length: expect_column_values_to_be_between(text_chars, max_value=2000000, min_value=1)'."""
+    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("column", "batch_id", "mostly") and v is not None}
     kwargs = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in kwargs.items()}
     args = ([config.kwargs["column"]] if "column" in config.kwargs else []) + [f"{k}={v}" for k, v in sorted(kwargs.items())]
-    return f"{config.type}({', '.join(map(str, args))})"
+    return f"{config.meta['rule']}: {config.type}({', '.join(map(str, args))})"
+
+
+def _checkpoint(context: Any, name: str, suite_name: str, asset: Any, expectations: list[Any], result_format: dict[str, Any]) -> Any:
+    """A checkpoint `name` that validates the whole dataframe of `asset` against a new suite of `expectations`."""
+    import great_expectations as gx
+
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    batch = asset.add_batch_definition_whole_dataframe("whole_corpus")
+    definition = context.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=suite_name))
+    return context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[definition], result_format=result_format))
 
 
 def run_suite(profile: pd.DataFrame, cfg: ValidateConfig, docs_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[str]]]:
-    """Run the suite through a GX checkpoint that also builds Data Docs into `docs_dir`.
+    """Run the rules, then the quarantine gate, through GX checkpoints that build offline Data Docs into `docs_dir`.
 
-    Returns per-expectation results and, per failing row position, the expectations it failed.
+    Returns per-rule results and, per failing row position, the rules it failed.
     """
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    from llmops.data.data_docs import copy_assets, site_config
 
     context = gx.get_context(mode="ephemeral")
-    context.add_data_docs_site(
-        site_name="llmops",
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
-    batch = context.data_sources.add_pandas("corpus").add_dataframe_asset("records").add_batch_definition_whole_dataframe("all")
-    suite = context.suites.add(gx.ExpectationSuite(name="records"))
-    for expectation in build_suite(cfg):
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name="records"))
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="validate",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 20},
-        )
-    )
-    result = checkpoint.run(batch_parameters={"dataframe": profile})
+    context.add_data_docs_site(site_name="llmops", site_config=site_config(docs_dir))
+    source = context.data_sources.add_pandas(DATASOURCE)
+    run_id = RunIdentifier(run_name=RUN_NAME)
+    complete = {"result_format": "COMPLETE", "partial_unexpected_count": 20}  # every failing row's index: the quarantine
+    rules = _checkpoint(context, "validate_records", RULES_SUITE, source.add_dataframe_asset(RULES_ASSET), build_suite(cfg), complete)
+    result = rules.run(batch_parameters={"dataframe": profile}, run_id=run_id)
     rows = len(profile)
     per_expectation: list[dict[str, Any]] = []
     failures: dict[int, list[str]] = {}
     for run_result in result.run_results.values():
         for er in run_result.results:
             name = expectation_name(er.expectation_config)
-            bad = er.result.get("unexpected_index_list") or []
-            positions = [int(i) for i in bad]
+            positions = [int(i) for i in er.result.get("unexpected_index_list") or []]
             for pos in positions:
                 failures.setdefault(pos, []).append(name)
             failed_rows = len(positions) if positions else (0 if er.success else rows)
             per_expectation.append(
-                {"expectation": name, "success": bool(er.success), "failed_rows": failed_rows, "pass_rate": 1 - failed_rows / rows if rows else 0.0}
+                {
+                    "rule": er.expectation_config.meta["rule"],
+                    "expectation": name,
+                    "success": bool(er.success),
+                    "failed_rows": failed_rows,
+                    "pass_rate": 1 - failed_rows / rows if rows else 0.0,
+                }
             )
+    rules_failed = np.zeros(rows, dtype=np.int64)
+    for pos, names in failures.items():
+        rules_failed[pos] = len(names)
+    gate_suite = [gate_expectation(cfg, len(failures), rows)]
+    summary = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
+    gate = _checkpoint(context, "validate_quarantine", GATE_SUITE, source.add_dataframe_asset(GATE_ASSET), gate_suite, summary)
+    gate.run(batch_parameters={"dataframe": pd.DataFrame({"rules_failed": rules_failed})}, run_id=run_id)
+    context.build_data_docs(site_names=["llmops"])
+    copy_assets(docs_dir)
     return per_expectation, failures
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -78,12 +79,30 @@ def test_duplicate_ids_are_both_quarantined_as_ambiguous(validated):
     assert all("expect_column_values_to_be_unique(id)" in r["failed_expectations"] for r in dup_rows)
 
 
-def test_pass_rate_is_reported_per_expectation(validated):
+def test_pass_rate_and_failed_rows_are_reported_per_rule(validated):
     _, result, _ = validated
-    by_expectation = result.metrics["pass_rate_by_expectation"]
-    assert by_expectation["expect_column_values_to_be_unique(id)"] == pytest.approx(1 - 2 / 16)
-    assert by_expectation["expect_column_values_to_not_be_null(id)"] == 1.0
+    by_rule = result.metrics["rule"]
+    assert by_rule["id_unique"] == {"failed": 2, "pass_rate": pytest.approx(1 - 2 / 16)}
+    assert by_rule["id_not_null"] == {"failed": 0, "pass_rate": 1.0}
     assert result.metrics["pass_rate"] == pytest.approx(GOOD_FILES / 16)
+
+
+def test_mlflow_metric_keys_are_short_rule_names_without_spaces(validated):
+    _, result, _ = validated
+    keys = set(result.numeric_metrics())
+    assert {"docs_in", "docs_out", "quarantined", "pass_rate", "rule.id_unique.failed", "rule.text_length.pass_rate"} <= keys
+    assert all(re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key) for key in keys), sorted(keys)
+    assert len(keys) == 4 + 2 * 10  # the counters, then failed and pass_rate for each of the ten rules
+
+
+def test_quarantine_reason_starts_with_the_rule_name(validated):
+    assert reasons(validated[2], "files/empty.py").startswith("text_length: expect_column_values_to_be_between(text_chars")
+
+
+def test_summary_says_passed_with_the_quarantined_count(validated):
+    _, result, _ = validated
+    assert result.summary.startswith("validate: passed, 16 records -> 10 valid (62.50%, at least 50.00% required)")
+    assert "6 quarantined" in result.summary
 
 
 def test_data_docs_html_is_written(validated):
