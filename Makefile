@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-unit test-e2e bench clean help vllm
+.PHONY: install run test test-unit test-e2e bench clean help vllm gpu-check
 
 help:
 	@echo "make run    - create .venv if missing, install, run the whole default pipeline"
@@ -51,6 +51,11 @@ vllm:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q --upgrade pip $(PIP_QUIET)
 	.venv-vllm/bin/python -m pip install -q 'vllm==0.33.*' $(PIP_QUIET)
+
+# One NVIDIA GPU: vLLM, 125m bf16 pretraining (MFU), quantization, vLLM serving and the serving benchmark in <= 12 min;
+# writes reports/gpu_check/report.{json,md}. `benchmarks/gpu_check.sh --dry-run` prints the plan on any machine.
+gpu-check: install
+	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data models reports metrics mlflow.db mlartifacts .dvcstore

@@ -1,4 +1,4 @@
-"""Serving throughput and latency on CPU: the proxy's cost in front of the same backend, and the CPU backend vs a naive loop.
+"""Serving throughput and latency: the proxy's cost in front of the same backend, and the backend vs a naive loop.
 
 Served: the project's real path (`llmops.serving.server.serving`: transformers serve's app with continuous batching
 on a private Unix socket, the API-key proxy on the public port), driven by `llmops.serving.probes.load_test`
@@ -8,8 +8,13 @@ alternate the two, so noise from other work on the machine falls on both alike; 
 
 Baseline: one request at a time, `model.generate` in this process (greedy, the same prompts, the same max new
 tokens), the way a hand-written server without batching answers: its tokens/s is the same whatever the number
-of clients, so each served row is compared with it. It runs with torch's default threads and, when it differs,
-with the backend's serve.torch_threads, so the ratio shows what batching gains beyond the thread setting.
+of clients, so each served row is compared with it. On CPU it runs with torch's default threads and, when it differs,
+with the backend's serve.torch_threads, so the ratio shows what batching gains beyond the thread setting; with
+`--device cuda` it runs once, in bf16 on the GPU.
+
+`--backend vllm` serves with vLLM (`make vllm`) instead of transformers serve, on a GPU host; benchmarks/gpu_check.py
+runs it that way (`--device cuda --naive-requests 16`: the naive loop's tokens/s does not depend on the client count,
+so fewer requests measure it).
 
 The model: `--model DIR` (e.g. models/finetune), else the `tiny` preset of params.yaml (the CPU default,
 ~3M parameters) with random weights and a 2,048-token BPE trained on stdlib code, saved in a temp directory.
@@ -18,8 +23,9 @@ and both sides count the tokens they actually generated. `--serve KEY=VALUE` ove
 (e.g. cb_block_size=64) for one run, to compare settings.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 64] [--max-tokens 32] [--clients 1 4 16] [--rounds 3] [--model DIR] [--serve KEY=VALUE ...]
+        [--backend transformers|vllm] [--device cpu|cuda] [--naive-requests N] [--output PATH]
 
-Prints a markdown table and writes benchmarks/results/serve.json (gitignored).
+Prints a markdown table and writes benchmarks/results/serve.json (gitignored), or --output.
 """
 
 from __future__ import annotations
@@ -62,10 +68,10 @@ def tiny_model(out: Path) -> Path:
     return out
 
 
-def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int, torch_threads: int) -> dict:
+def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int, torch_threads: int, device: str = "cpu") -> dict:
     """One request at a time: tokenize, generate (greedy), decode; latency per request, tokens actually generated.
 
-    `torch_threads` 0 keeps torch's default (one per core).
+    `torch_threads` 0 keeps torch's default (one per core). On `device` cuda the model runs in bf16.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,15 +80,15 @@ def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int, torch_threa
 
     torch.set_num_threads(torch_threads or os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
     with torch.inference_mode():  # warm-up, not timed (the server gets its first requests before timing too)
-        model.generate(**tokenizer(prompts[0], return_tensors="pt"), max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        model.generate(**tokenizer(prompts[0], return_tensors="pt").to(device), max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     results = []
     start = time.perf_counter()
     with torch.inference_mode():
         for prompt in prompts:
             t0 = time.perf_counter()
-            inputs = tokenizer(prompt, return_tensors="pt")
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
             output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             latency = time.perf_counter() - t0
@@ -90,7 +96,7 @@ def naive_loop(model_dir: Path, prompts: list[str], max_tokens: int, torch_threa
     return summarize(results, time.perf_counter() - start, clients=1)
 
 
-def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: int, rounds: int, overrides: dict[str, str], workdir: Path) -> tuple[list[dict], dict]:
+def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: int, rounds: int, overrides: dict[str, str], workdir: Path, backend: str = "transformers") -> tuple[list[dict], dict]:
     """Rows for each client count: through the proxy and straight at the backend socket, the median of `rounds` alternating runs each."""
     from llmops.serving.backends import backend_model_id, inspect_model
     from llmops.serving.probes import load_test
@@ -100,9 +106,9 @@ def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: 
     cfg = cfg.model_validate(cfg.model_dump() | {"health_timeout_s": 300, "request_timeout_s": 600} | overrides)
     key = "bench-" + os.urandom(8).hex()
     rows = []
-    with serving(inspect_model(model_dir, "bench"), cfg, "transformers", key, port=0, log_dir=workdir / "logs") as server:
+    with serving(inspect_model(model_dir, "bench"), cfg, backend, key, port=0, log_dir=workdir / "logs") as server:
         targets = {
-            "direct": {"base_url": "http://backend/v1", "model": backend_model_id("transformers", server.model), "uds": str(server.backend_socket)},
+            "direct": {"base_url": "http://backend/v1", "model": backend_model_id(backend, server.model), "uds": str(server.backend_socket)},
             "proxy": {"base_url": server.openai_base_url, "model": "bench"},
         }
         for target in targets.values():  # warm-up, not timed
@@ -118,7 +124,7 @@ def served(model_dir: Path, clients_list: list[int], requests: int, max_tokens: 
     return rows, cfg.model_dump()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -126,19 +132,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating proxy/direct runs per client count; the median is reported")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE", help="override a serve param for this run")
-    args = parser.parse_args()
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers", help="what serves (vllm: a GPU host with `make vllm`)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the naive loop runs (cuda: bf16)")
+    parser.add_argument("--naive-requests", type=int, default=None, help="requests of the naive loop (default: --requests)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve.json", help="where the JSON results go")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     overrides = dict(item.split("=", 1) for item in args.serve)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
         model_dir = args.model.resolve() if args.model else tiny_model(workdir / "tiny")
         prompts = [LOAD_PROMPTS[i % len(LOAD_PROMPTS)] for i in range(args.requests)]
-        print(f"model {model_dir if args.model else 'tiny preset (random weights)'}; {args.requests} requests x {args.max_tokens} tokens; {os.cpu_count()} CPU cores; serve overrides {overrides or 'none'}", flush=True)
-        threads = int(overrides.get("torch_threads", load_params(ROOT / "params.yaml").serve.torch_threads))
-        naive = {f"naive loop, {n or 'default'} torch threads": naive_loop(model_dir, prompts, args.max_tokens, n) for n in dict.fromkeys([0, threads])}
+        print(f"model {model_dir if args.model else 'tiny preset (random weights)'}; {args.backend}; {args.requests} requests x {args.max_tokens} tokens; {os.cpu_count()} CPU cores; serve overrides {overrides or 'none'}", flush=True)
+        naive_prompts = prompts[: args.naive_requests] if args.naive_requests else prompts
+        if args.device == "cuda":
+            naive = {"naive loop, cuda bf16": naive_loop(model_dir, naive_prompts, args.max_tokens, 0, "cuda")}
+        else:
+            threads = int(overrides.get("torch_threads", load_params(ROOT / "params.yaml").serve.torch_threads))
+            naive = {f"naive loop, {n or 'default'} torch threads": naive_loop(model_dir, naive_prompts, args.max_tokens, n) for n in dict.fromkeys([0, threads])}
         for name, row in naive.items():
             print(f"{name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
-        rows, serve_cfg = served(model_dir, args.clients, args.requests, args.max_tokens, args.rounds, overrides, workdir)
+        rows, serve_cfg = served(model_dir, args.clients, args.requests, args.max_tokens, args.rounds, overrides, workdir, args.backend)
 
     direct = {r["clients"]: r["tokens_per_s"] for r in rows if r["mode"] == "direct"}
     baselines = list(naive.values())
@@ -146,7 +164,7 @@ def main() -> None:
     print()
     print(f"| mode | clients | requests | errors | tokens | wall s | tokens/s (rounds) | p50 s | p95 s | TTFT p50 s | {versus_naive} | proxy / direct |")
     print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(naive) + "---|")
-    names = {"direct": "backend socket, no proxy", "proxy": "through the proxy"}
+    names = {"direct": f"{args.backend}, backend socket, no proxy", "proxy": f"{args.backend}, through the proxy"}
     for name, row in list(naive.items()) + [(names[r["mode"]], r) for r in rows]:
         ttft = "-" if np.isnan(row["ttft_p50_s"]) else f"{row['ttft_p50_s']:.3f}"
         rounds = f" ({', '.join(map(str, row['rounds_tokens_per_s']))})" if "rounds_tokens_per_s" in row else ""
@@ -156,10 +174,13 @@ def main() -> None:
             f"| {name} | {row['clients']} | {row['requests']} | {row['errors']} | {row['completion_tokens']} | {row['wall_s']:.1f} | {row['tokens_per_s']:.1f}{rounds} | "
             f"{row['latency_p50_s']:.3f} | {row['latency_p95_s']:.3f} | {ttft} | {ratios} | {versus} |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"machine": platform.platform(), "cpus": os.cpu_count(), "requests": args.requests, "max_tokens": args.max_tokens, "serve": serve_cfg, "naive": naive, "served": rows}
-    (RESULTS / "serve.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwritten {RESULTS / 'serve.json'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    out = {
+        "machine": platform.platform(), "cpus": os.cpu_count(), "backend": args.backend, "device": args.device, "requests": args.requests,
+        "max_tokens": args.max_tokens, "serve": serve_cfg, "naive": naive, "served": rows,
+    }  # fmt: skip
+    args.output.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"\nwritten {args.output}")
 
 
 if __name__ == "__main__":

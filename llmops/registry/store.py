@@ -222,6 +222,8 @@ def resolve(spec: str, store: Store, *, quantized: str = "", dest: Path | None =
         if quantized:
             raise RegistryError(f"{spec}: a local model directory with no {quantized.lower()}/ subdirectory; pass the quantized directory itself")
         return ModelRef(name="", version="", path=local, run_id="", tags={})
+    if not spec.startswith(MODEL_URI_PREFIX) and not quantized and (local / "adapter_config.json").is_file():
+        return ModelRef(name="", version="", path=local, run_id="", tags={})  # a LoRA adapter: vLLM serves it with --enable-lora
     if not spec.startswith(MODEL_URI_PREFIX) and "@" not in spec and (local.exists() or os.sep in spec):
         raise RegistryError(f"{spec}: not a model directory (no config.json) and not a registry spec NAME@ALIAS")
     name, ref = parse_spec(spec)

@@ -74,8 +74,10 @@ def peak_flops() -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+    key = peak_flops_key(torch.cuda.get_device_name())
+    return PEAK_BF16_FLOPS[key] if key else None
+
+
+def peak_flops_key(device_name: str) -> str | None:
+    """The PEAK_BF16_FLOPS entry for a CUDA device name: the longest key it contains ("H100 PCIe" before "H100")."""
+    return next((key for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if key in device_name), None)

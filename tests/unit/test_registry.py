@@ -66,6 +66,14 @@ def test_resolve_returns_a_local_model_directory_as_is(tmp_path):
     assert ref == registry.ModelRef(name="", version="", path=tmp_path, run_id="", tags={})
 
 
+def test_resolve_returns_a_lora_adapter_directory_as_is(tmp_path):
+    """vLLM serves an adapter with --enable-lora; its base comes from adapter_config.json."""
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert registry.resolve(str(tmp_path), store_at(tmp_path)).path == tmp_path
+    with pytest.raises(RegistryError):
+        registry.resolve(str(tmp_path), store_at(tmp_path), quantized="w8a8")
+
+
 def test_resolve_rejects_a_directory_without_config_json(tmp_path):
     with pytest.raises(RegistryError, match="not a model directory"):
         registry.resolve(str(tmp_path), store_at(tmp_path))
