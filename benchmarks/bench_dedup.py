@@ -14,6 +14,9 @@ run's new removals (vs the unplanted run) that are planted copies or their origi
 
 Engines:
   ours rensa w0 / w1, ours datasketch w0  tasks.dedup.run in-process (Parquet read + write included)
+  rensa bare                               rensa's RMinHash + RMinHashLSH in one process, as its README uses them:
+                                           query, a candidate at estimated Jaccard >= threshold is a duplicate,
+                                           else insert (Parquet read included, no output written)
   text-dedup 0.4.1 (verify / default)      subprocess in its own Python 3.12 venv (needs >= 3.12)
   datatrove 0.10.1                          subprocess in its own Python 3.12 venv
 Peer times are the peers' own pipeline (load, hash, cluster, save), measured inside the
@@ -135,6 +138,26 @@ def run_ours(cfg, records_dir: Path, work: Path, positions_by_id: dict[str, int]
     return {"seconds": seconds, "removed": removed, "exact": result.metrics["exact_duplicates"], "near": result.metrics["near_duplicates"]}
 
 
+def run_rensa_bare(cfg, records_dir: Path, positions_by_id: dict[str, int]) -> dict:
+    """rensa alone, as its README uses it, in one process: read the shards, an RMinHash of each document's word
+    shingles, then in order: query RMinHashLSH, a document with a candidate at estimated Jaccard >= threshold is a
+    duplicate, else it is inserted. No exact-dedup pass, no Parquet output."""
+    from rensa import RMinHash, RMinHashLSH
+
+    start = time.perf_counter()
+    table = read_records(records_dir)
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    hashes = RMinHash.from_token_sets([minhash.word_shingles(t, cfg.shingle_words) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed)
+    lsh = RMinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, num_bands=minhash.lsh_bands(cfg.threshold, cfg.num_perm))
+    removed = []
+    for key, m in enumerate(hashes):
+        if any(m.jaccard(hashes[other]) >= cfg.threshold for other in lsh.query(m)):
+            removed.append(positions_by_id[ids[key]])
+        else:
+            lsh.insert(key, m)
+    return {"seconds": time.perf_counter() - start, "removed": sorted(removed)}
+
+
 def run_peer(python: str, script: str, export_dir: Path, extra: list[str], timeout: int) -> dict:
     cmd = [python, str(PEERS / script), "--input", str(export_dir), *extra]
     start = time.perf_counter()
@@ -188,6 +211,7 @@ def main() -> None:
         ("ours rensa w0", "ours", base_cfg.model_copy(update={"engine": "rensa", "workers": 0})),
         ("ours rensa w1", "ours", base_cfg.model_copy(update={"engine": "rensa", "workers": 1})),
         ("ours datasketch w0", "ours", base_cfg.model_copy(update={"engine": "datasketch", "workers": 0})),
+        ("rensa bare (RMinHash + RMinHashLSH, 1 process)", "rensa-bare", base_cfg),
         ("text-dedup 0.4.1 (verify)", "peer", (args.textdedup_python, "textdedup_minhash.py",
                                                 [*lsh_args, "--threshold", str(base_cfg.threshold), "--num-perm", str(base_cfg.num_perm), "--verify"])),
         ("text-dedup 0.4.1 (default, no verify)", "peer", (args.textdedup_python, "textdedup_minhash.py",
@@ -214,6 +238,8 @@ def main() -> None:
                 inp = inputs[run_name]
                 if kind == "ours":
                     out = run_ours(spec, inp["records"], work / "out" / label.replace(" ", "_") / run_name, inp["positions"])
+                elif kind == "rensa-bare":
+                    out = run_rensa_bare(spec, inp["records"], inp["positions"])
                 else:
                     python, script, extra = spec
                     if not Path(python).exists():

@@ -21,12 +21,11 @@ import pyarrow.parquet as pq
 
 from llmops.common.fingerprints import directory_digest
 from llmops.common.io import atomic_dir, atomic_write_json, record_shards
-from llmops.common.progress import progress
 from llmops.common.results import StageResult
 from llmops.data.tokenizer import (
     REFERENCE_STATS,
     bpe_sample,
-    encode_batch,
+    encode_stream,
     load_base_tokenizer,
     reference_stats,
     token_dtype,
@@ -78,35 +77,14 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
     with atomic_dir(tokenizer_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     digest = directory_digest(tokenizer_dir, algorithm="sha256")
-    dtype = token_dtype(tokenizer)
-    counts = np.zeros(len(tokenizer), dtype=np.int64)
-    lengths: dict[bool, list[np.ndarray]] = {False: [], True: []}
-    tokens = {False: 0, True: 0}
-    chars = 0
-    started = time.perf_counter()
     with atomic_dir(tokens_dir) as tmp:
         with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
-            out = {False: train_out, True: val_out}
-            total_batches = -(-len(ids) // cfg.batch_docs)
-            for start, cols in progress(_batches(shards, cfg.batch_docs, ["text"]), desc="tokenize: encode", unit="batch", total=total_batches):
-                texts = cols["text"]
-                chars += sum(map(len, texts))
-                side = is_val[start : start + len(texts)]
-                for held_out in (False, True):
-                    chosen = [t for t, v in zip(texts, side, strict=True) if v == held_out]
-                    if not chosen:
-                        continue
-                    packed, doc_lengths = encode_batch(tokenizer, chosen)
-                    packed.tofile(out[held_out])
-                    lengths[held_out].append(doc_lengths)
-                    tokens[held_out] += int(packed.size)
-                    if not held_out:
-                        counts += np.bincount(packed.astype(np.int64), minlength=len(tokenizer))
-        encode_s = time.perf_counter() - started
-        train_lengths = np.concatenate(lengths[False]) if lengths[False] else np.zeros(0, np.int64)
-        stats = reference_stats(tokenizer, None, train_lengths, cfg.length_histogram_bins, counts=counts)
+            texts = ((start, cols["text"]) for start, cols in _batches(shards, cfg.batch_docs, ["text"]))
+            encoded = encode_stream(tokenizer, texts, is_val, {False: train_out, True: val_out}, total=-(-len(ids) // cfg.batch_docs))
+        tokens, train_lengths = encoded.tokens, encoded.lengths[False]
+        stats = reference_stats(tokenizer, None, train_lengths, cfg.length_histogram_bins, counts=encoded.counts)
         meta = {
-            "dtype": str(dtype),
+            "dtype": str(token_dtype(tokenizer)),
             "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
             "tokenizer_sha256": digest,
@@ -124,8 +102,8 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
     metrics = {
         **{k: v for k, v in meta.items() if k not in ("dtype", "tokenizer_sha256", "tokenizer_source")},
         "tokens": total_tokens,
-        "tokens_per_s": total_tokens / encode_s if encode_s > 0 else 0.0,
-        "chars_per_token": chars / total_tokens if total_tokens else 0.0,
+        "tokens_per_s": total_tokens / encoded.seconds if encoded.seconds > 0 else 0.0,
+        "chars_per_token": encoded.chars / total_tokens if total_tokens else 0.0,
         "tokenizer_train_s": train_s,
         "unk_rate": stats["unk_rate"],
         "byte_fallback_rate": stats["byte_fallback_rate"],

@@ -5,8 +5,11 @@ unigrams, unk and byte-fallback rates) that the drift monitor compares new data 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -89,16 +92,59 @@ def token_dtype(tokenizer: Any) -> np.dtype:
 
 
 def encode_batch(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Flat token ids of `texts` with EOS after every document, and each document's length in tokens."""
-    eos = tokenizer.eos_token_id
+    """Flat token ids of `texts` with EOS after every document, and each document's length in tokens.
+
+    `encode_batch_fast` (tokenizers' Rust threads, no per-token offsets) does the encoding; the ids are packed with one
+    numpy pass (`np.fromiter` over the chained id lists, then the EOS ids inserted at each document's end)."""
     dtype = token_dtype(tokenizer)
     backend = tokenizer.backend_tokenizer
     # Text that spells a special token ("<|endoftext|>" in a docstring) is data, not a document
     # boundary: encode it as ordinary text so only the EOS we insert separates documents.
     backend.encode_special_tokens = True
-    pieces = [np.asarray(enc.ids + [eos], dtype=dtype) for enc in backend.encode_batch(texts, add_special_tokens=False)]
-    packed = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    return packed, np.asarray([len(p) - 1 for p in pieces], dtype=np.int64)
+    ids = [enc.ids for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), tokenizer.eos_token_id), lengths
+
+
+@dataclass
+class Encoded:
+    """What `encode_stream` wrote: tokens per side (False = train, True = validation), each document's length in
+    tokens per side, the train split's unigram counts, characters read, and seconds spent."""
+
+    tokens: dict[bool, int]
+    lengths: dict[bool, np.ndarray]
+    counts: np.ndarray
+    chars: int
+    seconds: float
+
+
+def encode_stream(
+    tokenizer: Any, batches: Iterable[tuple[int, list[str]]], is_val: np.ndarray, out: dict[bool, BinaryIO], total: int | None = None
+) -> Encoded:
+    """Encode `(first document's position, texts)` batches in order, appending each side's packed ids to `out[side]`.
+
+    Memory holds one batch; the train split's unigram counts are summed as the batches go by."""
+    started = time.perf_counter()
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    lengths: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    tokens = {False: 0, True: 0}
+    chars = 0
+    for start, texts in progress(batches, desc="tokenize: encode", unit="batch", total=total):
+        chars += sum(map(len, texts))
+        side = is_val[start : start + len(texts)]
+        for held_out in (False, True):
+            chosen = [t for t, v in zip(texts, side, strict=True) if v == held_out]
+            if not chosen:
+                continue
+            packed, doc_lengths = encode_batch(tokenizer, chosen)
+            packed.tofile(out[held_out])
+            lengths[held_out].append(doc_lengths)
+            tokens[held_out] += int(packed.size)
+            if not held_out:
+                counts += np.bincount(packed, minlength=len(tokenizer))
+    joined = {side: np.concatenate(parts) if parts else np.zeros(0, np.int64) for side, parts in lengths.items()}
+    return Encoded(tokens=tokens, lengths=joined, counts=counts, chars=chars, seconds=time.perf_counter() - started)
 
 
 def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
