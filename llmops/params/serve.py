@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmops.params.base import Section
+
+# serve.capture_redact's default: what is replaced by "[REDACTED]" in a captured prompt before it is written. Each
+# pattern starts matching only where a run of its characters starts (a lookbehind or \b), so a long prompt costs linear time.
+DEFAULT_CAPTURE_REDACT = (
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",  # e-mail addresses
+    r"\bsk-[A-Za-z0-9_-]{16,}",  # OpenAI/Anthropic-style secret keys (sk-..., sk-proj-..., sk-ant-...)
+    r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b",  # AWS access key ids
+    r"\b[0-9a-fA-F]{32,}\b",  # long hex tokens (hashes, hex-encoded secrets)
+    # long base64 / base64url tokens (AWS secret keys, JWT parts): 40+ characters mixing digits, upper and lower case
+    r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Z])(?=[A-Za-z0-9+/_-]*[a-z])[A-Za-z0-9+/_-]{40,}={0,2}",
+)
 
 
 class ServeConfig(Section):
@@ -43,3 +55,20 @@ class ServeConfig(Section):
     max_error_rate: float = Field(0.0, ge=0, le=1)  # load-test gate: failed requests / requests
     max_p95_latency_s: float = Field(60.0, ge=0)  # load-test gate; 0 = no limit
     after_run: bool = True  # `llmops run` ends with the deploy flow (when the run covers the whole DAG)
+    capture: bool = False  # proxy: write each completed request (redacted prompt, tokens, latency, status) to JSONL batches for the monitor
+    capture_dir: str = "data/incoming"  # batches, relative to the repository root: capture-*.jsonl (being written: hidden .capture-*.jsonl.part)
+    capture_sample_rate: float = Field(1.0, gt=0, le=1)  # share of requests captured
+    capture_seed: int = 0  # the sampling draws: the same requests in the same order are sampled the same way
+    capture_max_bytes: int = Field(16_000_000, ge=1)  # a batch is closed (renamed to capture-*.jsonl) at this size ...
+    capture_max_age_s: float = Field(3600.0, gt=0)  # ... or this long after its first record, or when the server stops
+    capture_redact: tuple[str, ...] = DEFAULT_CAPTURE_REDACT  # regexes (Python re) replaced by "[REDACTED]" in the prompt text
+
+    @field_validator("capture_redact")
+    @classmethod
+    def _compiles(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"capture_redact[{i}] {pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns

@@ -13,7 +13,11 @@ completion (cached a few seconds), so a backend whose generation worker died sho
 
 The backend is reached through llmops.serving.upstream (keep-alive HTTP/1.1 over its socket, cheap per streamed chunk).
 
-Run: LLMOPS_API_KEY=... python -m llmops.serving.proxy --backend-uds PATH --port 8000 --model NAME=BACKEND_ID --model-dir DIR --context-tokens N
+Every request is observed as it is answered (ObservingMiddleware): llmops.serving.metrics counts it for /metrics
+(behind the key; /metrics/backend passes vLLM's own through), and with serve.capture llmops.serving.capture writes it,
+redacted, to the monitor's batches.
+
+Run: LLMOPS_API_KEY=... python -m llmops.serving.proxy --backend-uds PATH --port 8000 --model NAME=BACKEND_ID --model-dir DIR --context-tokens N [--capture-dir DIR ...]
 """
 
 import argparse
@@ -21,16 +25,20 @@ import asyncio
 import hmac
 import json
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from llmops.common import env
 from llmops.common.env import API_KEY as API_KEY_ENV
+from llmops.serving.capture import CAPTURED_ROUTES, CaptureSettings, CaptureWriter, prompt_text
 from llmops.serving.guard import ROUTE_FIELDS, Checked, Limits, PromptTokens, RequestError, check_request, parse_json
+from llmops.serving.metrics import BACKEND_METRICS_PATH, CONTENT_TYPE, METRICS_PATH, ProxyMetrics, ResponseMeter, content_type, route_label
 from llmops.serving.upstream import Upstream, UpstreamError, UpstreamResponse
 
 # The only backend routes forwarded (/v1/models is answered here); admin routes (/reset, /load_model, /docs) never are.
@@ -54,6 +62,57 @@ class ProxySettings:
     timeout_s: float = 600.0  # one upstream request, generation included
     kv_cache_blocks: int = 0  # transformers backend: KV-cache blocks shared by requests in flight; 0 = not accounted
     kv_block_tokens: int = 256
+    capture: CaptureSettings | None = None  # serve.capture: where and how requests are written for the monitor; None = off
+    model_version: str = ""  # the served registry version, in captured records
+
+
+@dataclass
+class Observation:
+    """One request as metrics and capture see it: the middleware fills in the response, the handlers what only they know."""
+
+    route: str  # the route label (llmops.serving.metrics.route_label)
+    started: float  # time.monotonic() at arrival
+    arrived: str  # ISO 8601 UTC
+    authorized: bool = False  # carried the right key
+    relayed: bool = False  # the response is the backend's (else the proxy answered itself)
+    text: str = ""
+    model: str = ""
+    status: int = 0
+
+
+class ObservingMiddleware:
+    """ASGI middleware: times each HTTP request, reads its response as it is sent (ResponseMeter), then calls
+    `on_done(observation, meter, latency_s)` once the last byte is sent or the app failed (status 500)."""
+
+    def __init__(self, app: Any, on_done: Callable[[Observation, ResponseMeter | None, float], None], in_flight: Any):
+        self.app, self.on_done, self.in_flight = app, on_done, in_flight
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        observation = Observation(route_label(scope["path"]), time.monotonic(), datetime.now(UTC).isoformat(timespec="milliseconds"))
+        scope.setdefault("state", {})["observation"] = observation
+        meter: ResponseMeter | None = None
+
+        async def observed_send(message: dict[str, Any]) -> None:
+            nonlocal meter
+            if message["type"] == "http.response.start":
+                observation.status = message["status"]
+                meter = ResponseMeter(stream=content_type(message.get("headers", [])).startswith("text/event-stream"))
+            elif message["type"] == "http.response.body" and meter is not None:
+                meter.feed(message.get("body", b""), time.monotonic())
+            await send(message)
+
+        self.in_flight.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        except BaseException:
+            observation.status = observation.status or 500
+            raise
+        finally:
+            self.in_flight.dec()
+            self.on_done(observation, meter, time.monotonic() - observation.started)
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Any:
@@ -162,13 +221,52 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], tokens: Pr
     probe_state: dict[str, Any] = {"checked_at": -HEALTH_CACHE_S, "status": 503, "detail": ""}
     probe_lock = asyncio.Lock()
     probe_model = next(iter(models.values()))
+    default_model = next(iter(models))
+    metrics = ProxyMetrics()
+    writer = CaptureWriter(settings.capture, count=lambda outcome: metrics.capture_records.labels(outcome).inc()) if settings.capture else None
+    decode = tokens.tokenizer.decode if tokens.tokenizer is not None else None
+
+    def done(observation: Observation, meter: ResponseMeter | None, latency_s: float) -> None:
+        """Count the request; with capture on, queue its record (the key holder's requests to the OpenAI routes only)."""
+        route, status = observation.route, observation.status
+        if meter is not None:
+            meter.finish()
+        refused = not observation.relayed and route != "/health" and (400 <= status < 500 or status == 503)
+        tokens_in, tokens_out = meter.tokens() if meter is not None and observation.relayed else (0, 0)
+        ttft_s = meter.first_text_at - observation.started if meter is not None and meter.first_text_at is not None else None
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(latency_s)
+        if refused:
+            metrics.refused.labels(route, (meter.error_code() if meter is not None else "") or "unknown").inc()
+        if ttft_s is not None:
+            metrics.ttft.labels(route).observe(ttft_s)
+        if observation.relayed:
+            metrics.prompt_tokens.labels(route).inc(tokens_in)
+            metrics.generated_tokens.labels(route).inc(tokens_out)
+        if writer is None or not observation.authorized or route.lstrip("/") not in CAPTURED_ROUTES:
+            return
+        writer.submit({
+            "text": observation.text, "id": f"req-{uuid.uuid4().hex}", "time": observation.arrived,
+            "model": observation.model or default_model, "model_version": settings.model_version, "route": route,
+            "status": status, "refused": refused, "tokens_in": tokens_in, "tokens_out": tokens_out,
+            "latency_s": round(latency_s, 6), "ttft_s": round(ttft_s, 6) if ttft_s is not None else None,
+        })  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
+        if writer is not None:
+            writer.start()
+        try:
+            yield
+        finally:
+            await client.aclose()
+            if writer is not None:
+                import anyio
+
+                await anyio.to_thread.run_sync(writer.close)  # the last batch is published before the process exits
 
     app = FastAPI(title="llmops model server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(ObservingMiddleware, on_done=done, in_flight=metrics.in_flight)
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, exc: RequestError) -> Response:
@@ -199,6 +297,7 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], tokens: Pr
         return 503, f"HTTP {status}: {body[:200].decode(errors='replace')}"
 
     def health_answer(status: int, state: str, reason: str, detail: str, request: Request) -> Response:
+        metrics.backend_up.set(1 if status == 200 else 0)
         body = {"status": state} | ({"reason": reason} if reason else {})
         if detail and authorized(request):  # what the backend said is for the key holder (llmops serve's supervisor) only
             body["detail"] = detail
@@ -223,6 +322,31 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], tokens: Pr
             return health_answer(503, "unhealthy", "a one-token completion failed", probe_state["detail"], request)
         return health_answer(200, "ok", "", "", request)
 
+    @app.get(METRICS_PATH)
+    async def proxy_metrics(request: Request) -> Response:
+        if not authorized(request):
+            return _unauthorized()
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get(BACKEND_METRICS_PATH)
+    async def backend_metrics(request: Request) -> Response:
+        """The backend's own /metrics, as it answers it (vLLM's Prometheus metrics; transformers serve has none)."""
+        if not authorized(request):
+            return _unauthorized()
+        try:
+            answer = await client.request("GET", "/metrics", b"", upstream_headers, PROBE_TIMEOUT_S)
+        except UpstreamError as exc:
+            return _error(502, str(exc), "backend_unreachable", kind="server_error")
+        try:
+            body = await answer.read()
+        finally:
+            await answer.aclose()
+        if answer.status_code == 404:
+            return _error(404, f"the backend has no /metrics (transformers serve exports none); the proxy's own are at {METRICS_PATH}", "not_found", kind="not_found")
+        request.state.observation.relayed = True
+        headers = {k: v for k, v in answer.headers if k.lower() == "content-type"}
+        return Response(body, status_code=answer.status_code, headers=headers)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         if not authorized(request):
@@ -232,17 +356,25 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], tokens: Pr
 
     async def checked(path: str, request: Request) -> Checked:
         body = await read_body(request, settings.max_body_bytes, settings.client_timeout_s)
+        observation: Observation = request.state.observation
+
+        def check(body: bytes) -> Checked:
+            payload = parse_json(body, settings.limits.max_json_depth)
+            observation.text = prompt_text(path, payload, decode)  # before the check: capture records refused requests too
+            observation.model = payload["model"] if isinstance(payload.get("model"), str) and payload["model"] in models else ""
+            return check_request(path, payload, models, tokens, settings.limits)
+
         if len(body) <= CHECK_IN_THREAD_BYTES:
-            return check_request(path, parse_json(body, settings.limits.max_json_depth), models, tokens, settings.limits)
+            return check(body)
         import anyio
 
-        payload = await anyio.to_thread.run_sync(parse_json, body, settings.limits.max_json_depth)
-        return await anyio.to_thread.run_sync(check_request, path, payload, models, tokens, settings.limits)
+        return await anyio.to_thread.run_sync(check, body)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
     async def forward(path: str, request: Request) -> Response:
         if not authorized(request):
             return _unauthorized()
+        request.state.observation.authorized = True
         if path not in OPENAI_ROUTES:  # exact match on the decoded path: no dot segment or encoding reaches another route
             return _error(404, f"/{path[:200]} is not served", "not_found", kind="not_found")
         if request.method != "POST":
@@ -276,6 +408,7 @@ def build_app(backend_url: str, api_key: str, models: dict[str, str], tokens: Pr
         except BaseException:
             release()
             raise
+        request.state.observation.relayed = True
         return relay(upstream, release)
 
     return app
@@ -330,6 +463,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-timeout-s", type=float, default=15.0, help="for a request head, and again for its body")
     parser.add_argument("--max-connections", type=int, default=256)
     parser.add_argument("--timeout-s", type=float, default=600.0, help="one upstream request, generation included")
+    parser.add_argument("--model-version", default="", help="the served registry version, written into captured records")
+    parser.add_argument("--capture-dir", type=Path, help="capture requests as JSONL batches here (serve.capture); absent = no capture")
+    parser.add_argument("--capture-sample-rate", type=float, default=1.0)
+    parser.add_argument("--capture-seed", type=int, default=0)
+    parser.add_argument("--capture-max-bytes", type=int, default=16_000_000)
+    parser.add_argument("--capture-max-age-s", type=float, default=3600.0)
+    parser.add_argument("--capture-redact", action="append", default=[], help="regex replaced by [REDACTED] in captured prompts (repeatable)")
     args = parser.parse_args(argv)
     api_key = env.take(API_KEY_ENV)
     if not api_key:
@@ -339,7 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = ProxySettings(
         limits=Limits(context_tokens=args.context_tokens, kv_cache_tokens=kv_tokens, max_tokens=args.max_tokens, max_n=args.max_n),
         max_body_bytes=args.max_body_bytes, client_timeout_s=args.client_timeout_s, timeout_s=args.timeout_s,
-        kv_cache_blocks=args.kv_cache_blocks, kv_block_tokens=args.kv_block_tokens,
+        kv_cache_blocks=args.kv_cache_blocks, kv_block_tokens=args.kv_block_tokens, model_version=args.model_version,
+        capture=CaptureSettings(
+            directory=args.capture_dir, sample_rate=args.capture_sample_rate, seed=args.capture_seed, max_bytes=args.capture_max_bytes,
+            max_age_s=args.capture_max_age_s, redact=tuple(args.capture_redact),
+        ) if args.capture_dir else None,
     )  # fmt: skip
     app = build_app(args.backend_url or "", api_key, models, PromptTokens.from_model_dir(args.model_dir), settings, backend_uds=args.backend_uds)
     uvicorn.run(

@@ -276,8 +276,14 @@ def wait_healthy(server: Server, timeout_s: float) -> float:
     raise ServeError(f"{server.url}/health did not answer 200 within {timeout_s:.0f} s (serve.health_timeout_s); last: {last}. Backend output ({backend_log}):\n{log_tail(backend_log)}")
 
 
-def proxy_command(backend: str, model: ServedModel, cfg: ServeConfig, uds: Path, public_port: int) -> list[str]:
-    """The proxy on the public port, in front of the backend's socket, with the serve limits."""
+def proxy_command(backend: str, model: ServedModel, cfg: ServeConfig, uds: Path, public_port: int, *, root: Path = Path("."), model_version: str = "") -> list[str]:
+    """The proxy on the public port, in front of the backend's socket, with the serve limits; with serve.capture, also
+    where (serve.capture_dir under `root`) and how it writes requests for the monitor."""
+    capture = [
+        "--capture-dir", str((Path(root) / cfg.capture_dir).resolve()), "--capture-sample-rate", str(cfg.capture_sample_rate),
+        "--capture-seed", str(cfg.capture_seed), "--capture-max-bytes", str(cfg.capture_max_bytes), "--capture-max-age-s", str(cfg.capture_max_age_s),
+        *(f"--capture-redact={pattern}" for pattern in cfg.capture_redact),  # one argument each: a pattern may start with "-"
+    ] if cfg.capture else []  # fmt: skip
     return [
         sys.executable, "-m", "llmops.serving.proxy",
         "--backend-uds", str(uds),
@@ -289,11 +295,13 @@ def proxy_command(backend: str, model: ServedModel, cfg: ServeConfig, uds: Path,
         "--max-tokens", str(cfg.max_tokens), "--max-n", str(cfg.max_n),
         "--max-body-bytes", str(cfg.max_body_bytes), "--client-timeout-s", str(cfg.client_timeout_s),
         "--max-connections", str(cfg.max_connections), "--timeout-s", str(cfg.request_timeout_s),
+        "--model-version", model_version, *capture,
     ]  # fmt: skip
 
 
-def start(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port: int, log_dir: Path, cwd: Path = Path(".")) -> Server:
-    """Start backend + proxy, wait for /health and start supervising; on any failure both are stopped before the error propagates."""
+def start(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port: int, log_dir: Path, cwd: Path = Path("."), model_version: str = "") -> Server:
+    """Start backend + proxy, wait for /health and start supervising; on any failure both are stopped before the error propagates.
+    `model_version` (the registry version served, "" for a local directory) goes into captured requests (serve.capture)."""
     public_port = port or free_port()
     socket_dir = Path(tempfile.mkdtemp(prefix="llmops-serve-"))  # mode 0700, this user's
     uds = socket_dir / BACKEND_SOCKET
@@ -303,7 +311,7 @@ def start(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port:
         command = backend_command(backend, model, cfg, uds)
         launches = [
             Launch("backend", command, log_dir / "backend.log", _backend_env(backend, key, log_dir / "hf-cache"), cwd, umask=BACKEND_UMASK),
-            Launch("proxy", proxy_command(backend, model, cfg, uds, public_port), log_dir / "proxy.log", os.environ | {API_KEY_ENV: key}, cwd),
+            Launch("proxy", proxy_command(backend, model, cfg, uds, public_port, root=cwd, model_version=model_version), log_dir / "proxy.log", os.environ | {API_KEY_ENV: key}, cwd),
         ]
     except BaseException:
         shutil.rmtree(socket_dir, ignore_errors=True)
@@ -323,9 +331,9 @@ def start(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port:
 
 
 @contextmanager
-def serving(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port: int = 0, log_dir: Path, cwd: Path = Path(".")) -> Iterator[Server]:
+def serving(model: ServedModel, cfg: ServeConfig, backend: str, key: str, *, port: int = 0, log_dir: Path, cwd: Path = Path("."), model_version: str = "") -> Iterator[Server]:
     """A healthy server for the `with` block, stopped (with all its processes) however the block ends."""
-    server = start(model, cfg, backend, key, port=port, log_dir=log_dir, cwd=cwd)
+    server = start(model, cfg, backend, key, port=port, log_dir=log_dir, cwd=cwd, model_version=model_version)
     try:
         yield server
     finally:

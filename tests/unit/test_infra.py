@@ -15,7 +15,9 @@ COMPOSE = INFRA / "docker-compose.yml"
 K8S = INFRA / "k8s"
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}; $$ is a literal dollar.
 VAR_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-GPU_SERVICES = {"model-fetch", "vllm", "gateway"}
+GPU_SERVICES = {"model-fetch", "vllm", "gateway", "prometheus", "grafana"}
+PROMETHEUS_CONFIG = INFRA / "prometheus" / "prometheus.yml"
+DASHBOARD = INFRA / "grafana" / "llmops-serving.json"
 
 pytestmark = pytest.mark.unit
 
@@ -178,6 +180,7 @@ def by_kind(manifests: list[dict], kind: str, name: str) -> dict:
 API_VERSIONS = {
     "Deployment": "apps/v1", "Service": "v1", "PersistentVolumeClaim": "v1", "ServiceAccount": "v1",
     "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1", "RayCluster": "ray.io/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
 }  # fmt: skip
 
 
@@ -269,3 +272,71 @@ def test_the_ray_cluster_matches_the_pinned_ray_autoscales_and_shares_the_data_c
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for c in pod["spec"]["containers"] for m in c["volumeMounts"]}
         assert volumes[mounts["/opt/llmops/data"]]["persistentVolumeClaim"]["claimName"] == "llmops-data"
+
+
+def mount_target(service: dict, source: str) -> str:
+    """Where `service` mounts the bind source `source` (relative to infra/)."""
+    return next(m.split(":")[1] for m in service["volumes"] if m.split(":")[0] == source)
+
+
+def argument(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_compose_prometheus_mounts_its_config_and_scrapes_the_gateways_metrics_paths_with_the_key(compose):
+    from llmops.serving.metrics import BACKEND_METRICS_PATH, METRICS_PATH
+
+    services = compose["services"]
+    prometheus, gateway = services["prometheus"], services["gateway"]
+    assert f"--config.file={mount_target(prometheus, './prometheus/prometheus.yml')}" in prometheus["command"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["metrics_path"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {METRICS_PATH, BACKEND_METRICS_PATH}
+    gateway_target = f"gateway:{argument(gateway['command'], '--port')}"
+    [secret] = prometheus["secrets"]
+    assert compose["secrets"][secret] == {"environment": "LLMOPS_API_KEY"}
+    for job in jobs.values():
+        assert [t for c in job["static_configs"] for t in c["targets"]] == [gateway_target]
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": f"/run/secrets/{secret}"}, "the metrics paths are behind the key"
+
+
+def test_compose_grafana_provisions_that_prometheus_and_the_dashboard(compose):
+    services = compose["services"]
+    grafana = services["grafana"]
+    provisioning = mount_target(grafana, "./grafana/provisioning")
+    assert provisioning == "/etc/grafana/provisioning"
+    [datasource] = yaml.safe_load((INFRA / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    container_port = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert datasource["url"] == f"http://prometheus:{container_port}"
+    [provider] = yaml.safe_load((INFRA / "grafana/provisioning/dashboards/llmops.yml").read_text())["providers"]
+    assert Path(mount_target(grafana, "./grafana/llmops-serving.json")).parent == Path(provider["options"]["path"])
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
+
+
+def test_the_dashboards_queries_use_only_metrics_the_proxy_exports():
+    from llmops.serving.metrics import exported_names
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        names = {name for target in panel["targets"] for name in re.findall(r"\bllmops_[a-z_]+", target["expr"])}
+        assert names, f"panel {panel['title']!r} queries no llmops metric"
+        used |= names
+    assert used <= exported_names(), f"not exported by llmops/serving/metrics.py: {sorted(used - exported_names())}"
+    needed = {"llmops_requests_total", "llmops_request_duration_seconds_bucket", "llmops_time_to_first_token_seconds_bucket", "llmops_generated_tokens_total", "llmops_backend_up"}
+    assert needed <= used
+
+
+def test_service_monitor_scrapes_both_metrics_paths_of_the_gateway_port_with_the_key_secret(manifests):
+    from llmops.serving.metrics import BACKEND_METRICS_PATH, METRICS_PATH
+
+    monitor = by_kind(manifests, "ServiceMonitor", "llmops-vllm")
+    service = by_kind(manifests, "Service", "llmops-vllm")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    gateway = next(c for c in by_kind(manifests, "Deployment", "llmops-vllm")["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")
+    service_port = next(p for p in service["spec"]["ports"] if p["name"] in {e["port"] for e in monitor["spec"]["endpoints"]})
+    assert service_port["targetPort"] == "http" and {p["name"]: p["containerPort"] for p in gateway["ports"]}["http"] == int(argument(gateway["args"], "--port"))
+    assert sorted(e["path"] for e in monitor["spec"]["endpoints"]) == sorted([METRICS_PATH, BACKEND_METRICS_PATH])
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "llmops-api-key", "key": "key"}}
