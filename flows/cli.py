@@ -6,7 +6,11 @@ from __future__ import annotations
 from llmops.common import env
 
 env.set_offline()  # before any library is imported: nothing may phone home
+env.set_quiet_libraries()  # the libraries' own progress bars and chatter off, ours kept (LLMOPS_LIBRARY_PROGRESS=1: back on)
 
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -20,11 +24,15 @@ from llmops.common.errors import LlmopsError  # noqa: E402
 
 app = typer.Typer(
     help="llmops: data -> training -> evaluation -> serving, versioned by DVC, tracked by MLflow, orchestrated by Prefect.",
+    epilog=f"Console: {env.PROGRESS}=0 turns every progress bar off; {env.LIBRARY_PROGRESS}=1 shows the libraries' own bars too "
+    "(transformers, huggingface_hub, datasets, MLflow artifacts, llm-compressor and its INFO log), off by default.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+# Lines are never wrapped: a log file (no terminal: rich's width is 80) keeps each command and path on one line;
+# a terminal wraps long lines itself. Tables pass soft_wrap=False to lay out in the width.
+console = Console(stderr=True, soft_wrap=True)
 USAGE_EXIT_CODE = 2  # what click exits with on a bad option: a --set that cannot apply is one
 
 
@@ -82,30 +90,52 @@ def run(
     except Exception as exc:  # not one of ours: the traceback is for a bug report, the error line still says why
         console.print_exception()
         _fail(exc)
+    params = load_params(params_file)
+    after: list[str] = []  # the deploy and monitor verdicts, repeated in the summary
+    if deploy_after and params.serve.after_run and to_stage is None:
+        after.append(_deploy_champion(params, keep_serving, pipeline_run_id=result["mlflow_run_id"]))
+    if monitor_after and params.monitor.after_run and to_stage is None:
+        console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
+        after.append(_monitor(None, heldout=True, retrain=False, repo=repo))
+    _stop_prefect_services()
+    for line in _run_summary(result, params, after):
+        console.print(line)
+
+
+def _run_summary(result: dict, params, after: list[str]) -> list[str]:
+    """The lines that end `llmops run`: what ran, the records' accounting, where runs, data, models and metrics are."""
     from llmops.common.tracking import tracking_uri
 
-    params = load_params(params_file)
     ran = [s for s, r in result["stages"].items() if not r["cached"]]
     cached = [s for s, r in result["stages"].items() if r["cached"]]
-    console.print(f"\n[bold green]pipeline done[/]: ran {', '.join(ran) or 'nothing'}; up to date: {', '.join(cached) or 'none'}")
+    lines = [f"\n[bold green]pipeline done[/]: ran {', '.join(ran) or 'nothing'}; up to date: {', '.join(cached) or 'none'}"]
     if result["accounting"]:
         a = result["accounting"]
-        console.print(f"records: {a['records_in']} in = {a['kept']} kept + {a['quarantined']} quarantined + {a['duplicates']} duplicates")
-    console.print(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, params.paths.root)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
+        lines.append(f"records: {a['records_in']} in = {a['kept']} kept + {a['quarantined']} quarantined + {a['duplicates']} duplicates")
+    lines.append(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, params.paths.root)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
     rel = params.paths.as_params()
-    console.print(f"data: {rel['raw']}, {rel['validated']}, {rel['quarantine']}, {rel['dedup']}, {rel['duplicates']}, {rel['tokens']}, {rel['instructions']}")
-    console.print(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
-    console.print(f"metrics: `dvc metrics show` ({rel['metrics']}/*.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
+    lines.append(f"data: {rel['raw']}, {rel['validated']}, {rel['quarantine']}, {rel['dedup']}, {rel['duplicates']}, {rel['tokens']}, {rel['instructions']}")
+    lines.append(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
+    lines.append(f"metrics: `dvc metrics show` ({rel['metrics']}/*.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
     if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
-        console.print(
+        lines.append(
             f"registry: {registered['model_name']} version {registered['version']} is challenger, gate {registered['decision']}; "
             f"champion is version {registered['champion_after']}  ->  `llmops models`"
         )
-    if deploy_after and params.serve.after_run and to_stage is None:
-        _deploy_champion(params, keep_serving)
-    if monitor_after and params.monitor.after_run and to_stage is None:
-        console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
-        monitor(batch=None, heldout=True, retrain=False, repo=repo)
+    return lines + [line for line in after if line]
+
+
+def _stop_prefect_services() -> None:
+    """Send the flow runs' last logs and events to the Prefect API, then stop the temporary server Prefect started for
+    them (without a PREFECT_API_URL); it would otherwise log "Stopping temporary server" at exit, after the summary.
+    Its history stays in PREFECT_HOME's database."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    EventsWorker.drain_all()
+    if server := sys.modules.get("prefect.server.api.server"):  # imported only where Prefect started a temporary server
+        server.SubprocessASGIServer().stop()  # the instance without a port is the temporary server
 
 
 @app.command()
@@ -122,34 +152,62 @@ def stage(
         result = run_stage(name, load_params(params_file), track=track, params_file=params_file)
     except LlmopsError as exc:
         _fail(exc)
-    if result.summary:  # worker processes of a distributed stage leave the summary to rank 0
-        console.print(result.summary)
+    if not result.summary:  # worker processes of a distributed stage leave the summary to rank 0
+        return
+    if summary_file := env.summary_file():  # under the pipeline flow, which logs it: the console and the Prefect UI
+        from llmops.common.io import atomic_write_bytes
+
+        path = Path(summary_file)  # a launched stage's rank 0 wrote its summary first; the launcher's line follows
+        before = path.read_text(encoding="utf-8") if path.exists() else ""
+        atomic_write_bytes(path, (before + result.summary + "\n").encode())
+    else:
+        console.print(result.summary, markup=False)
 
 
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(help="Web server processes (0: one per two CPU cores, 1 to 4).")] = 0,
     params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
 ) -> None:
-    """Start the MLflow UI on the project's tracking store."""
+    """Start the MLflow UI on the project's tracking store, sized for this machine's cores; MLflow's GenAI job
+    workers stay off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true."""
     from llmops.params.load import load_params
     from llmops.common.tracking import tracking_uri
 
     params = load_params(params_file)
     uri = tracking_uri(params.tracking, params.paths.root)
-    console.print(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
+    cmd, server_env = ui_command(uri, host, port, workers or ui_workers(os.cpu_count() or 1))
+    console.print(f"MLflow UI on http://{host}:{port} for {uri} ({cmd[cmd.index('--workers') + 1]} web worker(s); Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd, env=server_env))
+
+
+def ui_workers(cores: int) -> int:
+    """One web server process per two cores, 1 to 4: the UI has one user, and `mlflow server`'s default of 4 processes
+    took a 2-core machine tens of seconds to start and stop (benchmarks/bench_ui.py measures it)."""
+    return max(1, min(4, cores // 2))
+
+
+def ui_command(uri: str, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow ui` command line and environment of `llmops ui`. MLflow's job execution (a huey consumer per GenAI
+    job: scorers, evaluation, prompt optimization, issue detection, none of which this project runs) is off unless the
+    environment turns it on."""
+    server_env = {env.MLFLOW_JOB_EXECUTION: "false"} | dict(os.environ)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]
+    return cmd, server_env
 
 
 @app.command()
 def models(
     name: Annotated[str, typer.Option(help="Registered model name (default: register.model_name).")] = "",
+    wide: Annotated[bool, typer.Option("--wide", help="Every column, whole ids, whatever the terminal width.")] = False,
     params_file: Annotated[Path, typer.Option("--params", help="params.yaml to read.")] = Path("params.yaml"),
 ) -> None:
-    """List the registered model's versions (and its quantized variants) with aliases, gate metrics and lineage."""
-    from rich.table import Table
+    """List the registered model's versions (and its quantized variants) with aliases, gate metrics and lineage.
 
+    The table fits the terminal (or $COLUMNS): ids are shortened, then the lineage columns dropped, and a line on
+    stderr names what was left out. Piped without $COLUMNS, or with --wide, it is printed whole."""
     from llmops.registry import store as registry
     from llmops.params.load import load_params
 
@@ -161,12 +219,71 @@ def models(
     if not rows:
         console.print(f"no registered versions of {name or registry.model_name(params.register)} yet: `llmops run` registers one")
         return
-    table = Table(*rows[0])
-    for row in rows:
-        table.add_row(*row.values())
-    out = Console()
-    out.width = max(out.width, 160)  # ids and hashes stay whole when piped
-    out.print(table)
+    width = None if wide else output_width()
+    table, hidden = versions_table(rows, width)
+    Console(width=min(table_width(table), width or sys.maxsize), soft_wrap=False).print(table)  # still too wide: cells wrap
+    if hidden:
+        console.print(f"not shown to fit {width} columns: {', '.join(hidden)} (`llmops models --wide` shows all)")
+
+
+# The lineage columns of `llmops models`, in the order they give way to a narrow terminal.
+NARROW_DROPS = ("run_id", "eval_data", "git_commit", "base_version")
+ID_CHARS = 8  # an MLflow run id shortened to this still finds its run in the UI's search
+SIGNIFICANT_DIGITS = 4
+_DECIMAL = re.compile(r"-?\d+\.\d*(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def output_width() -> int | None:
+    """The width stdout's tables must fit: the terminal's (or $COLUMNS when set); None when piped without $COLUMNS."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def rounded(value: object) -> str:
+    """A measurement to SIGNIFICANT_DIGITS digits (0.062512 -> 0.06251, 12.34567 -> 12.35); ids, counts and text
+    unchanged (a hex git prefix may read as a number, so only strings with a decimal point count as measurements)."""
+    if isinstance(value, float) or (isinstance(value, str) and _DECIMAL.fullmatch(value)):
+        return f"{float(value):.{SIGNIFICANT_DIGITS}g}"
+    return str(value)
+
+
+def table_width(table) -> int:
+    from rich.measure import Measurement
+
+    wide = Console(width=10_000)
+    return Measurement.get(wide, wide.options, table).maximum
+
+
+def versions_table(rows: list[dict[str, object]], width: int | None):
+    """The rich Table of `llmops models` with rounded numbers, fitted into `width` columns (None: whole), and the
+    names of the columns left out."""
+    from rich.table import Table
+
+    columns = list(rows[0])
+    cells = [{k: rounded(row.get(k, "")) for k in columns} for row in rows]
+
+    def build() -> Table:
+        table = Table(*columns)
+        for row in cells:
+            table.add_row(*(row[k] for k in columns))
+        return table
+
+    table, hidden = build(), []
+    if width is None or table_width(table) <= width:
+        return table, hidden
+    if "run_id" in columns:
+        for row in cells:
+            row["run_id"] = row["run_id"][:ID_CHARS]
+        table = build()
+    for column in NARROW_DROPS:
+        if table_width(table) <= width:
+            break
+        if column in columns:
+            columns.remove(column)
+            hidden.append(column)
+            table = build()
+    return table, hidden
 
 
 def _store(params):
@@ -175,21 +292,21 @@ def _store(params):
     return Store.of(params.tracking, params.paths)
 
 
-def _deploy_champion(params, keep_serving: bool) -> None:
-    """The end of `llmops run`: the deploy flow on the champion, or a note when the gate has not made one yet."""
+def _deploy_champion(params, keep_serving: bool, pipeline_run_id: str = "") -> str:
+    """The end of `llmops run`: the deploy flow on the champion (its MLflow run nested under the pipeline's), or a
+    note when the gate has not made one yet. Returns the line for the run's summary."""
     from llmops.registry.store import alias_version, model_name
 
     name = model_name(params.register)
     if alias_version(name, "champion", _store(params)) is None:
-        console.print(f"deploy: {name} has no champion yet (no version passed the register gate), nothing to serve")
-        return
+        return f"deploy: {name} has no champion yet (no version passed the register gate), nothing to serve"
     try:
         from flows.deploy import deploy as deploy_flow
 
-        result = deploy_flow(model=f"{name}@champion", keep_serving=keep_serving, repo_dir=str(params.paths.root))
+        result = deploy_flow(model=f"{name}@champion", keep_serving=keep_serving, repo_dir=str(params.paths.root), pipeline_run_id=pipeline_run_id)
     except LlmopsError as exc:
         _fail(exc)
-    console.print(result["summary"])
+    return result["summary"]
 
 
 def _stop_servers_on_sigterm() -> None:
@@ -225,7 +342,10 @@ def serve(
         served = inspect_model(ref.path, ref.name or ref.path.name)
         chosen = choose_backend(cfg.backend if backend == "auto" else backend)
         console.print(f"starting {chosen} for {spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
-        server = start(served, cfg, chosen, api_key(cfg, params.paths.root), port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=params.paths.root)
+        server = start(
+            served, cfg, chosen, api_key(cfg, params.paths.root), port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=params.paths.root,
+            model_version=ref.version,
+        )
     except LlmopsError as exc:
         _fail(exc)
     key_from = f"${env.API_KEY}" if env.get(env.API_KEY) else f"the file {cfg.api_key_file}"
@@ -285,6 +405,11 @@ def monitor(
     repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
 ) -> None:
     """Drift monitor (the Prefect `monitor` flow): compare a batch with the training data; metrics/monitor.json + an MLflow run."""
+    _monitor(batch, heldout=heldout, retrain=retrain, repo=repo)
+
+
+def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path) -> str:
+    """Run the monitor flow and print its table; returns the verdict line (`llmops run` repeats it in its summary)."""
     if bool(batch) == heldout:
         _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
     try:
@@ -309,12 +434,14 @@ def monitor(
         score = "n/a" if check["score"] is None else f"{check['score']:.4f}"
         bound = ("<= " if check["kind"] == "max" else ">= ") + str(check["threshold"])
         table.add_row(name, score, bound, "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]")
-    console.print(table)
+    console.print(table, soft_wrap=False)
     verdict = "[bold red]DRIFT[/]" if result["drift"] else "[bold green]no drift[/]"
-    console.print(f"{verdict}; metrics/monitor.json; MLflow run {result['mlflow_run_id']} (experiment {params.monitor.experiment})")
+    line = f"monitor: {verdict}; metrics/monitor.json; MLflow run {result['mlflow_run_id']} (experiment {params.monitor.experiment})"
+    console.print(line)
     if "retrain" in result:
         r = result["retrain"]
         console.print(f"retrained via {r['mode']} with {r['batch_file']}; champion {r['champion_before']} -> {r['champion_after']}")
+    return line
 
 
 @app.command()

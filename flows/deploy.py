@@ -67,10 +67,15 @@ def load(server: Server, cfg: ServeConfig) -> dict[str, Any]:
 
 
 @flow(name="deploy")
-def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: int = 0, keep_serving: bool = False, repo_dir: str = ".") -> dict[str, Any]:
+def deploy(
+    model: str = "", backend: str = "auto", quantized: str = "", port: int = 0, keep_serving: bool = False, repo_dir: str = ".", pipeline_run_id: str = ""
+) -> dict[str, Any]:
     """Serve `model` (NAME@ALIAS, NAME@VERSION or a local HF directory; "" = <model_name>@champion), test it, and promote it to `production`.
 
     `backend` "auto" takes serve.backend from params.yaml; `port` 0 takes serve.port (0 there = a free port).
+    `pipeline_run_id`: the MLflow run of the pipeline that built the model; the deploy run nests under it.
+    With serve.capture on, a server that stays up captures production traffic; the deploy's own smoke and load
+    tests are never captured.
     """
     import mlflow
     from prefect.runtime import flow_run
@@ -83,6 +88,8 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
     repo = Path(repo_dir).resolve()
     params = load_params(repo / "params.yaml")
     cfg, store = params.serve, Store.of(params.tracking, params.paths)
+    if not keep_serving:
+        cfg = cfg.model_copy(update={"capture": False})  # the server only answers the deploy's own tests
     spec = model or default_spec(params)
     ref = resolve(spec, store, quantized=quantized)
     served = inspect_model(ref.path, ref.name or Path(ref.path).name)
@@ -105,10 +112,10 @@ def deploy(model: str = "", backend: str = "auto", quantized: str = "", port: in
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
     }
     server: Server | None = None
-    with mlflow.start_run(experiment_id=experiment_id, run_name="deploy", tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name="deploy", tags=tags, parent_run_id=pipeline_run_id or None) as run:
         mlflow.log_params(flatten("serve", cfg.model_dump()))
         try:
-            server = start(served, cfg, chosen, key, port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=repo)
+            server = start(served, cfg, chosen, key, port=port or cfg.port, log_dir=params.paths.reports / "serve", cwd=repo, model_version=ref.version)
             mlflow.log_param("backend_command", " ".join(server.command))
             mlflow.log_metric("health_wait_s", server.health_wait_s)
             smoke_result = smoke(server, cfg)

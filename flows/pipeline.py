@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ def select_stages(order: list[str], from_stage: str | None, to_stage: str | None
     return order[start:end]
 
 
-def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int, ...] = ()) -> tuple[int, str]:
-    """Run `cmd`, passing its output through (progress bars included), and return (exit code, output tail).
+def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int, ...] = (), drop_line: str = "") -> tuple[int, str]:
+    """Run `cmd`, passing its output through (progress bars included) except lines equal to `drop_line`, and return
+    (exit code, output tail).
 
     The command runs in a process group of its own; if this process is interrupted, cancelled or
     loses its output pipe, the whole group (dvc and the stage it started) is stopped before the
@@ -75,6 +77,7 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int,
     child_output = select.poll()
     child_output.register(proc.stdout, select.POLLIN)
     our_output = _stdout_fd()
+    dropped = _LineFilter(drop_line.encode())
     try:
         pending = b""
         while True:
@@ -85,8 +88,10 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int,
                     raise BrokenPipeError(f"the reader of this process's output is gone (its worker was killed?) while `{' '.join(cmd[-3:])}` ran")
                 continue
             if not (chunk := proc.stdout.read1(65536)):
+                sys.stdout.buffer.write(dropped.flush())
+                sys.stdout.flush()
                 break
-            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.write(dropped.feed(chunk))
             sys.stdout.flush()
             pending += chunk
             *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
@@ -97,6 +102,36 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], keep_fds: tuple[int,
     except BaseException:
         _stop_group(proc)
         raise
+
+
+class _LineFilter:
+    """Passes output through as it comes, except whole lines equal to `line`. Only a trailing piece that may still
+    become that line is held back until its end arrives, so progress bars (carriage returns) stay live."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.line:
+            return chunk
+        data, self.held = self.held + chunk, b""
+        out = []
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            if data[start:end].rstrip(b"\r") != self.line:
+                out.append(data[start : end + 1])
+            start = end + 1
+        rest = data[start:]
+        if rest and self.line.startswith(rest.rstrip(b"\r")):
+            self.held = rest
+        else:
+            out.append(rest)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        held, self.held = self.held, b""
+        return b"" if held.rstrip(b"\r") == self.line else held
 
 
 def _stdout_fd() -> int | None:
@@ -136,19 +171,28 @@ def stage_env(parent_run_id: str, uri: str) -> dict[str, str]:
 
 
 @task(task_run_name="{stage}")
-def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_path: Path) -> dict[str, Any]:
+def run_dvc_stage(stage: str, repo: Path, parent_run_id: str, uri: str, metrics_path: Path, pushes: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item STAGE`; the stage's summary line goes to this task run's log (the Prefect UI). With
+    `pushes` (the flow runs `dvc push` itself at the end) DVC's hint to push is left out of the console."""
     logger = get_run_logger()
     lock = _held_locks.get(repo)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    code, tail = _stream(cmd, repo, stage_env(parent_run_id, uri), keep_fds=(lock.fd,) if lock else ())
+    with tempfile.TemporaryDirectory(prefix="llmops-summary-") as tmp:
+        summary_file = Path(tmp) / f"{stage}.txt"
+        child_env = stage_env(parent_run_id, uri) | {env.SUMMARY_FILE: str(summary_file)}
+        code, tail = _stream(cmd, repo, child_env, keep_fds=(lock.fd,) if lock else (), drop_line=env.DVC_PUSH_HINT if pushes else "")
+        summary = summary_file.read_text(encoding="utf-8").strip() if summary_file.exists() else ""
     if code != 0:
         raise StageError(f"stage '{stage}' failed (dvc exit code {code}). Last output:\n{tail}")
     cached = "didn't change, skipping" in tail
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten("", metrics).items()]
-    create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {'up to date (cached)' if cached else 'ran'}")
-    logger.info("%s: %s", stage, "up to date, skipped" if cached else "ran")
-    return {"cached": cached, "metrics": metrics}
+    create_table_artifact(key=f"{stage}-metrics", table=rows, description=summary or f"{stage}: {'up to date (cached)' if cached else 'ran'}")
+    if cached:
+        logger.info("%s: up to date, skipped (metrics in %s)", stage, metrics_path.name)
+    else:
+        logger.info("%s", summary or f"{stage}: ran")
+    return {"cached": cached, "metrics": metrics, "summary": summary}
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -262,7 +306,7 @@ def _run_locked(
         try:
             for stage in stages:
                 stage_task = run_dvc_stage.with_options(retries=params.pipeline.stage_retries)
-                results[stage] = stage_task(stage, repo, run_id, uri, metrics_file(stage, params.paths))
+                results[stage] = stage_task(stage, repo, run_id, uri, metrics_file(stage, params.paths), pushes=params.pipeline.push)
                 mlflow.set_tag(f"llmops.stage.{stage}", "cached" if results[stage]["cached"] else "ran")
         except BaseException:
             # A stage stopped mid-run (interrupt, cancel, lost worker) may not have ended its own MLflow run.

@@ -1,5 +1,6 @@
-"""Every environment variable llmops reads or sets, in one place: the offline switches, progress bars, the MLflow
-and Prefect servers, the pipeline's parent run, the serving key, vLLM, and the distributed launch."""
+"""Every environment variable llmops reads or sets, in one place: the offline switches, progress bars (ours and the
+libraries'), the MLflow and Prefect servers, the pipeline's parent run, the serving key, vLLM, and the distributed
+launch."""
 
 from __future__ import annotations
 
@@ -19,13 +20,29 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-PROGRESS = "LLMOPS_PROGRESS"  # "0": no progress bars (tests, log files)
+PROGRESS = "LLMOPS_PROGRESS"  # "0": no progress bars at all, ours included (tests, log files)
+LIBRARY_PROGRESS = "LLMOPS_LIBRARY_PROGRESS"  # "1": the libraries' own bars and chatter back on (debugging a library)
+# The libraries' own switches for their progress bars and chatter; ours (llmops.common.progress, the training bar)
+# stay on. Read by the libraries at import, so the CLI sets them first and every process `dvc repro` starts inherits
+# them (a value already set wins). Learned from the installed sources:
+QUIET_LIBRARIES = {
+    # huggingface_hub's bars; transformers' follow it ("Loading weights", "Writing model shards": utils/logging.py
+    # starts with `_tqdm_active = not huggingface_hub.utils.are_progress_bars_disabled()`)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map/filter bars
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's artifact upload/download bars
+    "LLM_COMPRESSOR_LOG_LEVEL": "WARNING",  # llm-compressor's loguru console sink (per-layer INFO lines)
+}
+# What `dvc repro` prints after every stage that ran; the pipeline flow pushes itself when pipeline.push is on.
+DVC_PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
+SUMMARY_FILE = "LLMOPS_SUMMARY_FILE"  # set by the pipeline flow: `llmops stage` appends its summary there for the flow's log
 PARENT_RUN = "LLMOPS_PARENT_RUN_ID"  # the pipeline flow's MLflow run: stage runs nest under it
 API_KEY = "LLMOPS_API_KEY"  # the serving key (else serve.api_key_file)
 VLLM_BIN = "LLMOPS_VLLM_BIN"  # a `vllm` executable outside this environment
 RDZV_ENDPOINT = "LLMOPS_RDZV_ENDPOINT"  # host:port of the rendezvous node for multi-node training
 RDZV_ID = "LLMOPS_RDZV_ID"
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"  # a shared `mlflow server`, over params' tracking.uri
+MLFLOW_JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"  # `llmops ui` sets "false" unless set: MLflow's GenAI job workers
 PREFECT_API_URL = "PREFECT_API_URL"  # a `prefect server`; unset = Prefect's ephemeral API
 RAY_ADDRESS = "RAY_ADDRESS"  # a Ray cluster (host:port or "auto"): the data stages run their shard jobs there
 DATA_ENGINE = "LLMOPS_DATA_ENGINE"  # "processes" (default: a local process pool) or "ray" (a local Ray unless RAY_ADDRESS)
@@ -33,6 +50,14 @@ DATA_ENGINE = "LLMOPS_DATA_ENGINE"  # "processes" (default: a local process pool
 
 def set_offline() -> None:
     for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+
+
+def set_quiet_libraries() -> None:
+    """The libraries' progress bars and chatter off (QUIET_LIBRARIES), unless LLMOPS_LIBRARY_PROGRESS=1."""
+    if library_progress_enabled():
+        return
+    for key, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(key, value)
 
 
@@ -47,6 +72,15 @@ def take(name: str) -> str:
 
 def progress_enabled() -> bool:
     return os.environ.get(PROGRESS, "1") != "0"
+
+
+def library_progress_enabled() -> bool:
+    """Whether the libraries' own bars show: only with LLMOPS_LIBRARY_PROGRESS=1, and never under LLMOPS_PROGRESS=0."""
+    return os.environ.get(LIBRARY_PROGRESS, "0") == "1" and progress_enabled()
+
+
+def summary_file() -> str:
+    return os.environ.get(SUMMARY_FILE, "")
 
 
 def parent_run_id() -> str:

@@ -1,4 +1,5 @@
-"""Progress bars on stderr for long loops, off with LLMOPS_PROGRESS=0 (ours and the libraries' alike)."""
+"""Our progress bars on stderr for long loops, off with LLMOPS_PROGRESS=0. The libraries' own bars are off unless
+LLMOPS_LIBRARY_PROGRESS=1 (their environment switches: llmops.common.env.QUIET_LIBRARIES)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | No
 
 
 def quiet_libraries() -> None:
-    """With LLMOPS_PROGRESS=0, silence transformers' own bars too (loading, saving weights)."""
-    if not env.progress_enabled():
+    """Silence transformers' and huggingface_hub's bars (loading, saving weights) unless LLMOPS_LIBRARY_PROGRESS=1: the
+    environment switch covers processes the CLI started; this covers a stage called from Python."""
+    if not env.library_progress_enabled():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

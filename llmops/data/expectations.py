@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmops.common import env
 from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
 from llmops.common.progress import progress
 from llmops.data.engine import map_jobs
@@ -157,10 +158,12 @@ def run_suite(profile: pd.DataFrame, cfg: ValidateConfig, docs_dir: Path) -> tup
     """
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     from llmops.data.data_docs import copy_assets, site_config
 
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=env.library_progress_enabled())  # GX's "Calculating Metrics" bars
     context.add_data_docs_site(site_name="llmops", site_config=site_config(docs_dir))
     source = context.data_sources.add_pandas(DATASOURCE)
     run_id = RunIdentifier(run_name=RUN_NAME)

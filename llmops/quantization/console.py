@@ -1,6 +1,6 @@
 """Keep the console readable while llm-compressor and compressed-tensors run: llm-compressor's per-layer INFO/METRIC
-lines go to a log file and only its unexpected warnings reach the console; with LLMOPS_PROGRESS=0 their tqdm bars
-(calibrating, compressing, decompressing on load) are off too."""
+lines go to a log file and only its unexpected warnings reach the console; their tqdm bars (calibrating, compressing,
+decompressing on load) are off unless LLMOPS_LIBRARY_PROGRESS=1, while ours (scoring each variant) stay."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ CONSOLE_FORMAT = "llm-compressor {level}: {message}"
 
 
 EXPECTED = ("No accelerator available",)  # CPU calibration is this stage's default, not news
+
+
+def _from_llmops() -> bool:
+    """Whether the tqdm being made was asked for by llmops code (our bars) rather than by a library."""
+    frame = sys._getframe(2)  # the caller of `silent`
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tqdm"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith(("llmops.", "tasks."))
 
 
 def _console_worthy(record: dict) -> bool:
@@ -50,10 +58,10 @@ def quiet_compressor(log_file: Path) -> Iterator[None]:
     fx_level = fx_log.level
     fx_log.setLevel(logging.ERROR)
     init = tqdm.__init__
-    if not env.progress_enabled():
+    if not env.library_progress_enabled():
         # the libraries pass disable= themselves (their own show_progress), so it is forced rather than defaulted
         def silent(self: Any, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **{**kwargs, "disable": True})
+            init(self, *args, **(kwargs if _from_llmops() else {**kwargs, "disable": True}))
 
         tqdm.__init__ = silent
     try:

@@ -56,7 +56,9 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     client, runs = mlflow_runs(repo)
     parents = [r for r in runs if r.data.tags.get("llmops.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.data.tags["llmops.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = {r.data.tags["llmops.stage"]: r for r in nested if "llmops.stage" in r.data.tags}
+    assert [r.info.run_name for r in nested if "llmops.stage" not in r.data.tags] == ["deploy"]  # the deploy it ended with
     assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize", "register", "summary"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
@@ -157,7 +159,7 @@ def test_register_leaves_a_champion_version_with_lineage_tags(repo):
     for stage in ("ingest", "tokenize", "finetune"):
         for out in lock["stages"][stage]["outs"]:
             assert tags[f"llmops.dvc.{out['path']}"] == out["md5"]
-    stage_runs = {r.data.tags["llmops.stage"]: r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    stage_runs = {r.data.tags["llmops.stage"]: r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and "llmops.stage" in r.data.tags}
     assert all(tags[f"llmops.run.{stage}"] == stage_runs[stage] for stage in ("ingest", "finetune", "evaluate"))
     assert float(tags["llmops.metric.pass_at_1"]) == metrics(repo, "eval")["humaneval"]["pass_at_1"]
     assert tags["llmops.git_commit"] == parent.data.tags["llmops.git_commit"]
