@@ -116,7 +116,7 @@ def _run_summary(result: dict, params, after: list[str]) -> list[str]:
     rel = params.paths.as_params()
     lines.append(f"data: {rel['raw']}, {rel['validated']}, {rel['quarantine']}, {rel['dedup']}, {rel['duplicates']}, {rel['tokens']}, {rel['instructions']}")
     lines.append(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
-    lines.append(f"metrics: `dvc metrics show` ({rel['metrics']}/*.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
+    lines.append(f"metrics: `dvc metrics show` (the headline, {rel['metrics']}/summary.json; each stage's in {rel['metrics']}/<stage>.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
     if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
         lines.append(
             f"registry: {registered['model_name']} version {registered['version']} is challenger, gate {registered['decision']}; "
