@@ -26,6 +26,7 @@ from llmops.quantization.table import BASELINE, compare, markdown_table, score
 
 log = logging.getLogger("llmops.quantize")
 TABLE_FILE = "table.md"
+VARIANTS_FILE = "variants.tsv"  # scheme, perplexity, size_mb, ms_per_token: the bar plots of dvc.yaml
 MLFLOW_TABLE = "quantize_table.json"
 COMPRESSOR_LOG = "llmcompressor.log"
 
@@ -71,6 +72,10 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
             *[f"{s}: skipped, {reason}." for s, reason in skipped.items()],
         ]
         (report_tmp / TABLE_FILE).write_text(markdown_table(rows, notes), encoding="utf-8")
+        # one row per variant, for dvc.yaml's `quantize_variants` bar plots (`dvc plots show` / `dvc plots diff`)
+        columns = ("scheme", "perplexity", "size_mb", "ms_per_token")
+        tsv = ["\t".join(columns), *("\t".join(str(row.get(c, "")) for c in columns) for row in rows)]
+        (report_tmp / VARIANTS_FILE).write_text("\n".join(tsv) + "\n", encoding="utf-8")
 
     tracking.log_table([{k: r.get(k) for k in rows[-1]} for r in rows], MLFLOW_TABLE)
     metrics: dict[str, Any] = {row["scheme"]: {k: v for k, v in row.items() if k != "scheme"} for row in rows}

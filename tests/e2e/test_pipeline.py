@@ -123,6 +123,8 @@ def test_dvc_plots_draw_the_training_curves(repo):
         assert len(points) >= 3, plot
     fields = {p["filename::field"] for p in shown["finetune_loss"][0]["content"]["data"]["values"]}
     assert fields == {"train_curve.tsv::loss", "eval_curve.tsv::eval_loss"}
+    variants = shown["quantize_perplexity"][0]["content"]["data"]["values"]
+    assert {v["scheme"] for v in variants} == {"unquantized", "w8a8", "w4a16"} and all(float(v["perplexity"]) > 1 for v in variants)
 
 
 def test_evaluate_logs_eval_metrics_and_the_samples_table_to_mlflow(repo, tmp_path):
