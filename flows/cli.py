@@ -96,7 +96,7 @@ def run(
         after.append(_deploy_champion(params, keep_serving, pipeline_run_id=result["mlflow_run_id"]))
     if monitor_after and params.monitor.after_run and to_stage is None:
         console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
-        after.append(_monitor(None, heldout=True, retrain=False, repo=repo))
+        after.append(_monitor(None, heldout=True, retrain=False, repo=repo, force=True))
     _stop_prefect_services()
     for line in _run_summary(result, params, after):
         console.print(line)
@@ -403,12 +403,13 @@ def monitor(
     heldout: Annotated[bool, typer.Option("--heldout", help="Export tokenize's held-out split to monitor.heldout_batch and check it (never flagged on a healthy run).")] = False,
     retrain: Annotated[bool, typer.Option(help="Past a threshold, retrain with the batch added (also needs monitor.retrain).")] = True,
     repo: Annotated[Path, typer.Option(help="Repository root holding dvc.yaml and params.yaml.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Also check files the monitor's ledger (monitor.workdir/ledger.json) already checked.")] = False,
 ) -> None:
     """Drift monitor (the Prefect `monitor` flow): compare a batch with the training data; metrics/monitor.json + an MLflow run."""
-    _monitor(batch, heldout=heldout, retrain=retrain, repo=repo)
+    _monitor(batch, heldout=heldout, retrain=retrain, repo=repo, force=force)
 
 
-def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path) -> str:
+def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path, force: bool = False) -> str:
     """Run the monitor flow and print its table; returns the verdict line (`llmops run` repeats it in its summary)."""
     if bool(batch) == heldout:
         _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
@@ -422,18 +423,21 @@ def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path) -> 
 
             export_heldout(params)
             batch = params.monitor.heldout_batch  # relative to the repository, like ingest.source
-        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo))
+        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo), force=force)
     except LlmopsError as exc:
         _fail(exc)
+    if result.get("skipped"):
+        console.print(result["summary"])
+        return result["summary"]
     from rich.table import Table
 
     table = Table(title=f"drift checks: batch {result['batch_id']}")
-    for column in ("check", "score", "threshold", "verdict"):
+    for column in ("check", "score", "threshold", "verdict", "note"):
         table.add_column(column)
     for name, check in result["metrics"]["checks"].items():
         score = "n/a" if check["score"] is None else f"{check['score']:.4f}"
         bound = ("<= " if check["kind"] == "max" else ">= ") + str(check["threshold"])
-        table.add_row(name, score, bound, "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]")
+        table.add_row(name, score, bound, "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]", check.get("note", ""))
     console.print(table, soft_wrap=False)
     verdict = "[bold red]DRIFT[/]" if result["drift"] else "[bold green]no drift[/]"
     line = f"monitor: {verdict}; metrics/monitor.json; MLflow run {result['mlflow_run_id']} (experiment {params.monitor.experiment})"

@@ -28,10 +28,15 @@ DEPLOY_DEPLOYMENT = "deploy/deploy"
 
 
 @task(task_run_name="check {batch}")
-def check_batch(batch: str, repo: Path) -> Any:
+def check_batch(batch: str, repo: Path, force: bool = False) -> Any:
+    """The check's MonitorResult, or the message that says every file of `batch` was checked before."""
     from llmops.monitoring import drift
+    from llmops.monitoring.ledger import BatchAlreadyChecked
 
-    result = drift.run(load_params(repo / "params.yaml"), batch)
+    try:
+        result = drift.run(load_params(repo / "params.yaml"), batch, skip_seen=not force)
+    except BatchAlreadyChecked as seen:
+        return str(seen)
     rows = [
         {"check": c.name, "score": None if c.score != c.score else round(c.score, 6), "threshold": c.threshold, "flagged": c.flagged, "note": c.note}
         for c in result.checks
@@ -96,8 +101,12 @@ def roll_out(repo: Path, logger: Any) -> str:
 
 
 @flow(name="monitor")
-def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool = True) -> dict[str, Any]:
-    """Check `batch` for drift; past a threshold (and with `retrain` and monitor.retrain), retrain on it and roll out a new champion."""
+def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool = True, force: bool = False) -> dict[str, Any]:
+    """Check `batch` for drift; past a threshold (and with `retrain` and monitor.retrain), retrain on it and roll out a new champion.
+
+    Files of `batch` the monitor's ledger holds unchanged are left out (a daily run over `data/incoming/*.jsonl` checks
+    only what arrived since); when none is new the run says so and ends. `force` checks every file again.
+    """
     import mlflow
     from prefect.events import emit_event
 
@@ -106,9 +115,17 @@ def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool 
 
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
-    result = check_batch(batch, repo)
+    result = check_batch(batch, repo, force)
+    if isinstance(result, str):  # nothing new in `batch`
+        logger.info(result)
+        create_markdown_artifact(key="drift-checks", markdown=result)
+        # the keys a checked batch's answer has, so callers read both alike: nothing checked, so no run and no drift
+        return {"batch_id": "", "drift": False, "mlflow_run_id": "", "metrics": {"checks": {}}, "skipped": True, "summary": result}
     logger.info(result.summary)
-    out: dict[str, Any] = {"batch_id": result.batch_id, "drift": result.drift, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics}
+    out: dict[str, Any] = {
+        "batch_id": result.batch_id, "drift": result.drift, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics,
+        "skipped": False, "summary": result.summary,
+    }  # fmt: skip
     params = load_params(repo / "params.yaml")
     store = registry.Store.of(params.tracking, params.paths)
     client = mlflow.MlflowClient(tracking_uri=store.uri)

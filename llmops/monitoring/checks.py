@@ -1,5 +1,6 @@
 """The drift checks as pure functions: KS and PSI of token-length histograms, Jensen-Shannon of unigram counts, the
-share of batch documents that near-duplicate training documents, and each score against its threshold."""
+share of batch documents that near-duplicate training documents, and each score (the traffic checks' too) against
+its threshold."""
 
 from __future__ import annotations
 
@@ -87,21 +88,33 @@ def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: 
 
 
 def build_checks(
-    scores: dict[str, float], cfg: MonitorConfig, notes: dict[str, str] | None = None, ks_critical: float = float("nan")
+    scores: dict[str, float],
+    cfg: MonitorConfig,
+    notes: dict[str, str] | None = None,
+    ks_critical: float = float("nan"),
+    prompt_ks_critical: float = float("nan"),
 ) -> list[Check]:
-    """One Check per drift measure. The length check's bar is the larger of its threshold and `ks_critical`, so a small
-    batch is flagged only for a length shift chance cannot explain (at monitor.length_ks_alpha)."""
+    """One Check per drift measure, then the traffic checks. A KS check's bar is the larger of its threshold and the
+    critical value for its sample sizes (`ks_critical` for document lengths, `prompt_ks_critical` for prompt lengths),
+    so a small batch is flagged only for a length shift chance cannot explain (at monitor.length_ks_alpha)."""
     notes = dict(notes or {})
-    length_bar = cfg.length_ks_max
-    if ks_critical > cfg.length_ks_max:
-        length_bar = ks_critical
-        notes.setdefault("token_length_ks", f"small batch: KS below {ks_critical:.3f} is sampling noise at alpha {cfg.length_ks_alpha}")
+
+    def ks_bar(name: str, threshold: float, critical: float) -> float:
+        if critical > threshold:
+            notes.setdefault(name, f"small batch: KS below {critical:.3f} is sampling noise at alpha {cfg.length_ks_alpha}")
+            return critical
+        return threshold
+
     spec = [
-        ("token_length_ks", length_bar, "max"),
+        ("token_length_ks", ks_bar("token_length_ks", cfg.length_ks_max, ks_critical), "max"),
         ("unigram_js", cfg.unigram_js_max, "max"),
         ("oov_rate_increase", cfg.oov_rate_increase_max, "max"),
         ("validation_pass_rate", cfg.min_pass_rate, "min"),
         ("near_duplicate_share", cfg.near_duplicate_share_max, "max"),
         ("perplexity_ratio", cfg.perplexity_ratio_max, "max"),
+        ("prompt_length_ks", ks_bar("prompt_length_ks", cfg.prompt_length_ks_max, prompt_ks_critical), "max"),
+        ("refused_share", cfg.refused_share_max, "max"),
+        ("latency_p95_ratio", cfg.latency_p95_ratio_max, "max"),
+        ("tokens_per_s_ratio", cfg.tokens_per_s_ratio_min, "min"),
     ]
     return [Check(name, float(scores.get(name, float("nan"))), threshold, kind, notes.get(name, "")) for name, threshold, kind in spec]

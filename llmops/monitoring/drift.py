@@ -9,19 +9,26 @@ The batch is ingested and validated with the data library the stages call into `
 - unk + byte-fallback rate, minus the reference rate;
 - validation pass rate under validate's rules;
 - share of batch documents that near-duplicate a training document (dedup's MinHash LSH settings);
-- the monitored model's perplexity on the batch over its perplexity on the held-out split.
+- the monitored model's perplexity on the batch over its perplexity on the held-out split;
+- for captured serving traffic only (llmops/monitoring/traffic.py): prompt token lengths against finetune's
+  training prompts (KS), the share of requests the proxy refused, and p95 latency and per-request tokens/s
+  against the deploy flow's load test.
 
 Each score has a threshold in params.yaml (`monitor`); `drift` is true when any check is past its
-threshold. Results go to metrics/monitor.json, an HTML report, and one MLflow run per batch.
+threshold. Results go to metrics/monitor.json, an HTML report, and one MLflow run per batch. A tracked
+check is also an entry in the ledger (llmops/monitoring/ledger.py): the ledger's order is each check's
+MLflow step and the x axis of the score history, and a scheduled run skips batch files the ledger holds.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +40,17 @@ from llmops.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, 
 from llmops.common.stages import MONITOR_METRICS, metrics_file
 from llmops.data.expectations import validate_records
 from llmops.monitoring.checks import Check, binned_ks, build_checks, jensen_shannon, ks_critical_value, near_duplicate_share, psi
-from llmops.monitoring.report import render_report
-from llmops.data.sources import ingest, resolve_sources
+from llmops.monitoring.ledger import BatchAlreadyChecked, Ledger, file_key, record
+from llmops.monitoring.report import history_png, render_report, token_label
+from llmops.monitoring.traffic import CAPTURE_FIELDS, TRAFFIC_CHECKS, captured_records, load_test_reference, traffic_scores, training_prompts
+from llmops.data.sources import ingest, is_hf_dataset, resolve_sources
 from llmops.data.minhash import load_signatures
 from llmops.data.tokenizer import REFERENCE_STATS, encode_and_pack, is_validation_doc, reference_stats, validation_mask
 from llmops.params.load import Params
 
 log = logging.getLogger("llmops.monitor")
 REPORT_FILE = "report.html"
+HISTORY_FILE = "drift_history.png"
 CHARS_PER_TOKEN_BOUND = 12  # BPE on code and prose stays well under this; only bounds how much text is encoded for perplexity
 # params.yaml `paths` that hold training data or models: the side area may be none of them and sit in none of them.
 TRAINING_PATHS = ("raw", "validated", "quarantine", "dedup", "duplicates", "tokens", "tokenizer", "instructions", "pretrain_model", "finetune_model", "adapter")
@@ -54,6 +64,11 @@ class MonitorResult:
     checks: list[Check]
     info: dict[str, Any]  # counts, timings, which model was scored
     model: str
+    applied_glob: str = ""  # how the batch spec was read: the glob that chose its files
+    files: list[str] = field(default_factory=list)  # the files checked
+    skipped_files: list[str] = field(default_factory=list)  # files of the spec left out: the ledger had checked them
+    batch_time: str = ""  # ISO time the batch was complete (its newest file's mtime)
+    step: int | None = None  # position in the ledger (tracked checks only)
     mlflow_run_id: str = ""
     report: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -66,9 +81,10 @@ class MonitorResult:
     def summary(self) -> str:
         flagged = [c.name for c in self.checks if c.flagged]
         verdict = f"DRIFT ({', '.join(flagged)})" if flagged else "no drift"
+        skipped = f", {len(self.skipped_files)} already-checked file(s) skipped" if self.skipped_files else ""
         return (
-            f"monitor: batch {self.batch_id} ({self.info['docs']} docs, {self.info['bytes'] / 1e6:.2f} MB) -> {verdict}; "
-            f"{self.info['seconds']:.1f} s; report {self.report}"
+            f"monitor: batch {self.batch_id} ({self.info['docs']} docs, {self.info['batch_tokens']:,} tokens, {self.info['bytes'] / 1e6:.2f} MB; "
+            f"{len(self.files)} file(s) of {self.applied_glob}{skipped}) -> {verdict}; {self.info['seconds']:.1f} s; report {self.report}"
         )
 
 
@@ -195,7 +211,7 @@ def training_split(params: Params) -> tuple[list[str], list[str], Any]:
     return train, heldout, (sigs[~held_out] if sigs is not None else None)
 
 
-def stage_batch(params: Params, batch: str, side: Path) -> tuple[Any, Any, dict[str, Any]]:
+def stage_batch(params: Params, batch: str | list[str], side: Path) -> tuple[Any, Any, dict[str, Any]]:
     """Ingest and validate the batch into the side area with the stages' own code: (raw table, validated table, counts)."""
     ingest(params.ingest.model_copy(update={"source": batch}), side / "raw", params.paths.root)
     raw = read_records(side / "raw")
@@ -208,17 +224,62 @@ def stage_batch(params: Params, batch: str, side: Path) -> tuple[Any, Any, dict[
     return raw, validated, counts
 
 
-def run(params: Params, batch: str, *, track: bool = True) -> MonitorResult:
-    """Compare `batch` (a file, directory, glob, JSONL or Parquet: whatever ingest reads) with the training data."""
+def batch_files(batch: str, file_glob: str, root: Path) -> tuple[list[Path], str]:
+    """(the files `batch` names, the glob that chose them). A directory is read with ingest.file_glob, like ingest does;
+    a file is itself; anything else is taken as a glob."""
+    files = [f for _, _, f in resolve_sources(batch, file_glob, root)] if batch else []
+    given = Path(batch).expanduser()
+    path = given if given.is_absolute() else root / given
+    if path.is_dir() and not is_hf_dataset(path):
+        applied = f"{batch.rstrip('/')}/{file_glob} (ingest.file_glob={file_glob!r} on the directory)"
+    elif path.exists():
+        applied = f"{batch} (one file)" if path.is_file() else f"{batch} (a dataset directory)"
+    else:
+        applied = f"{batch} (a glob)"
+    return files, applied
+
+
+def _batch_time(files: list[Path]) -> float:
+    """When the batch was complete: its newest file's mtime (epoch seconds)."""
+    return max(f.stat().st_mtime for f in files)
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def run(params: Params, batch: str, *, track: bool = True, skip_seen: bool = False) -> MonitorResult:
+    """Compare `batch` (a file, directory, glob, JSONL or Parquet: whatever ingest reads) with the training data.
+
+    `track` records the check: an MLflow run in monitor.experiment and an entry in the ledger (monitor.workdir/
+    ledger.json), whose order gives each check its step. `skip_seen` leaves out the batch's files the ledger holds
+    unchanged and raises BatchAlreadyChecked when none is left.
+    """
     from transformers import AutoTokenizer
 
-    started = time.perf_counter()
+    started, started_epoch_s = time.perf_counter(), time.time()
     root = params.paths.root
     cfg = params.monitor
     check_side_area(params)
-    files = [f for _, _, f in resolve_sources(batch, params.ingest.file_glob, root)] if batch else []
+    files, applied_glob = batch_files(batch, params.ingest.file_glob, root)
     if not files:
-        raise DataError(f"monitor --batch {batch!r}: matched no files. Give a file, directory, glob, .jsonl or .parquet.")
+        raise DataError(
+            f"monitor --batch {batch!r}: matched no files; it was read as {applied_glob}. Give a file, a .jsonl or .parquet, "
+            f"or a glob that names the files (e.g. '{batch.rstrip('/')}/**/*.txt' for text files in a directory)."
+        )
+    ledger = Ledger(root / cfg.workdir)
+    keys = {f: file_key(f) for f in files}
+    skipped: list[Path] = []
+    if skip_seen:
+        files, skipped = ledger.seen(keys)
+        if not files:
+            raise BatchAlreadyChecked(
+                f"monitor: all {len(skipped)} file(s) of {applied_glob} were already checked (ledger {ledger.path}); nothing new. "
+                "`--force` checks them again.",
+                skipped,
+            )
+        if skipped:
+            log.info("monitor: %d of %d file(s) of %s already checked (ledger %s); checking the %d new one(s)", len(skipped), len(keys), applied_glob, ledger.path, len(files))
     batch_id = batch_fingerprint(files)
     side = root / cfg.workdir / batch_id
     side.mkdir(parents=True, exist_ok=True)
@@ -236,7 +297,7 @@ def run(params: Params, batch: str, *, track: bool = True) -> MonitorResult:
         seconds[part] = now - part_started
         part_started = now
 
-    raw, validated, counts = stage_batch(params, batch, side)
+    raw, validated, counts = stage_batch(params, [str(f) for f in files] if skipped else batch, side)
     lap("ingest_validate")
     texts = [t for t in validated.column("text").to_pylist() if t]
     scores: dict[str, float] = {"validation_pass_rate": counts["valid_docs"] / counts["docs"] if counts["docs"] else float("nan")}
@@ -270,20 +331,74 @@ def run(params: Params, batch: str, *, track: bool = True) -> MonitorResult:
         for name in ("token_length_ks", "unigram_js", "near_duplicate_share", "perplexity_ratio"):
             notes[name] = "no valid documents in the batch"
     lap("perplexity")
+    prompt_ks_critical = traffic_checks(params, raw, tokenizer, reference, scores, notes, info)
+    lap("traffic")
     ks_critical = ks_critical_value(sum(reference["doc_length_histogram"]), sum(stats["doc_length_histogram"]), cfg.length_ks_alpha)
-    checks = build_checks(scores, cfg, notes, ks_critical)
+    checks = build_checks(scores, cfg, notes, ks_critical, prompt_ks_critical)
     info.update({f"seconds_{part}": value for part, value in seconds.items()})
     info["seconds"] = time.perf_counter() - started
     info["mb_per_s"] = info["bytes"] / 1e6 / info["seconds"]
-    result = MonitorResult(batch=batch, batch_id=batch_id, batch_dir=side, checks=checks, info=info, model=model_label)
+    result = MonitorResult(
+        batch=batch, batch_id=batch_id, batch_dir=side, checks=checks, info=info, model=model_label,
+        applied_glob=applied_glob, files=[params.paths.relative(f) for f in files], skipped_files=[params.paths.relative(f) for f in skipped],
+        batch_time=_iso(_batch_time(files)),
+    )  # fmt: skip
     result.report = side / REPORT_FILE
-    atomic_write_bytes(result.report, render_report(result, reference, stats).encode())
-    result.metrics = monitor_metrics(result)
-    atomic_write_json(metrics_file("monitor", params.paths), result.metrics)
-    atomic_write_json(side / MONITOR_METRICS, result.metrics)
-    if track:
-        result.mlflow_run_id = log_to_mlflow(params, result)
+
+    def write_outputs(history: bytes | None) -> None:
+        labels = functools.partial(token_label, tokenizer)
+        atomic_write_bytes(result.report, render_report(result, reference, stats, labels, history).encode())
+        result.metrics = monitor_metrics(result)
+        atomic_write_json(metrics_file("monitor", params.paths), result.metrics)
+        atomic_write_json(side / MONITOR_METRICS, result.metrics)
+
+    if not track:
+        write_outputs(None)
+        return result
+    with ledger.update() as state:
+        result.step = len(state["batches"])
+        entry = {
+            "step": result.step, "batch_id": batch_id, "batch": batch, "files": result.files, "batch_time": result.batch_time,
+            "checked_at": _iso(time.time()), "drift": result.drift, "flagged": [c.name for c in checks if c.flagged],
+            "scores": {c.name: None if math.isnan(c.score) else c.score for c in checks}, "thresholds": {c.name: c.threshold for c in checks},
+        }  # fmt: skip
+        history = history_png(state["batches"] + [entry])
+        atomic_write_bytes(side / HISTORY_FILE, history)
+        write_outputs(history)
+        result.mlflow_run_id = log_to_mlflow(params, result, started_epoch_s, _batch_time(files))
+        entry["mlflow_run_id"] = result.mlflow_run_id
+        record(state, [keys[f] for f in files], entry)
     return result
+
+
+def traffic_checks(params: Params, raw: Any, tokenizer: Any, reference: dict[str, Any], scores: dict[str, float], notes: dict[str, str], info: dict[str, Any]) -> float:
+    """Score the traffic checks into `scores`/`notes`/`info` when the batch is captured traffic (else say why not);
+    returns the prompt-length KS critical value for the batch's size (NaN when not computed)."""
+    records = captured_records(raw.column("text").to_pylist(), raw.column("meta").to_pylist())
+    if not records:
+        for name in TRAFFIC_CHECKS:
+            notes[name] = f"not computed: no record carries the capture fields ({', '.join(CAPTURE_FIELDS)}); not serving traffic"
+        return float("nan")
+    info["traffic_records_without_capture_fields"] = raw.num_rows - len(records)
+    load_test, load_test_label = load_test_reference(params)
+    traffic, traffic_notes, traffic_info = traffic_scores(records, load_test, load_test_label)
+    scores.update(traffic)
+    notes.update(traffic_notes)
+    info.update(traffic_info)
+    prompts = [r["text"] for r in records if not r["refused"] and r["text"]]
+    train_prompts = training_prompts(params.paths.instructions)
+    if not train_prompts:
+        notes["prompt_length_ks"] = f"not computed: no training prompts at {params.paths.relative(params.paths.instructions)}/train.jsonl (run finetune)"
+        return float("nan")
+    if not prompts:
+        notes["prompt_length_ks"] = "not computed: every captured request was refused"
+        return float("nan")
+    bins = params.tokenize.length_histogram_bins
+    batch_prompts, _ = _token_stats(tokenizer, prompts, bins, "monitor: tokenize prompts")
+    training, _ = _token_stats(tokenizer, train_prompts, bins, "monitor: tokenize training prompts")
+    scores["prompt_length_ks"] = binned_ks(training["doc_length_histogram"], batch_prompts["doc_length_histogram"])
+    info.update(traffic_prompts=len(prompts), training_prompts=len(train_prompts))
+    return ks_critical_value(len(train_prompts), len(prompts), params.monitor.length_ks_alpha)
 
 
 def monitor_metrics(result: MonitorResult) -> dict[str, Any]:
@@ -293,6 +408,11 @@ def monitor_metrics(result: MonitorResult) -> dict[str, Any]:
         "batch_id": result.batch_id,
         "drift": result.drift,
         "model": result.model,
+        "glob": result.applied_glob,
+        "files": result.files,
+        "skipped_files": result.skipped_files,
+        "batch_time": result.batch_time,
+        "step": result.step,
         "checks": {
             c.name: {"score": None if math.isnan(c.score) else c.score, "threshold": c.threshold, "kind": c.kind, "flagged": c.flagged, **({"note": c.note} if c.note else {})}
             for c in result.checks
@@ -301,8 +421,14 @@ def monitor_metrics(result: MonitorResult) -> dict[str, Any]:
     }
 
 
-def log_to_mlflow(params: Params, result: MonitorResult) -> str:
-    """One run per batch in the monitor experiment: scores as metrics (the UI plots them across runs), the report as an artifact."""
+def log_to_mlflow(params: Params, result: MonitorResult, started_epoch_s: float, batch_epoch_s: float) -> str:
+    """One run per batch in the monitor experiment, spanning the check (it starts when the check started).
+
+    Every check's score is logged at step = the ledger's step (0, 1, 2, ... in the order batches were checked) with the
+    metric timestamp = the batch's time: the run chart's "Step" axis lists batches evenly and readably, its "Time (wall)"
+    axis places them at their real time (an epoch-seconds step would read as 1.7e9 and bunch batches of one day
+    together). The score history across batches is also a plot artifact, drift_history.png.
+    """
     root = params.paths.root
     import mlflow
 
@@ -313,21 +439,26 @@ def log_to_mlflow(params: Params, result: MonitorResult) -> str:
         "llmops.monitor": "true",
         "llmops.batch": result.batch,
         "llmops.batch_id": result.batch_id,
+        "llmops.batch_glob": result.applied_glob,
+        "llmops.batch_time": result.batch_time,
+        "llmops.monitor.step": str(result.step),
         "llmops.drift": str(result.drift).lower(),
         "llmops.model": result.model,
         "llmops.git_commit": tracking.git_commit(root),
         "llmops.reference.tokens_md5": dvc_lock_outputs(root / "dvc.lock").get(params.paths.relative(params.paths.tokens), "not in dvc.lock"),
         "llmops.flagged": ",".join(c.name for c in result.checks if c.flagged),
+        "llmops.summary": result.summary,
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-{result.batch_id}", tags=tags) as run:
+    run = mlflow.MlflowClient().create_run(experiment_id, start_time=int(started_epoch_s * 1000), tags=tags, run_name=f"monitor-{result.batch_id}")
+    with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_params({f"monitor.{k}": v for k, v in params.monitor.model_dump().items()})
         scores = {c.name: c.score for c in result.checks if not math.isnan(c.score)}
         numeric = {k: float(v) for k, v in result.info.items() if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))}
-        mlflow.log_metrics({**scores, **numeric, "drift": float(result.drift)})
+        mlflow.log_metrics({**scores, **numeric, "drift": float(result.drift)}, step=result.step, timestamp=int(batch_epoch_s * 1000))
         mlflow.log_artifact(str(result.batch_dir / MONITOR_METRICS))
+        mlflow.log_artifact(str(result.batch_dir / HISTORY_FILE))
         if result.report:
             mlflow.log_artifact(str(result.report))
-        mlflow.set_tag("llmops.summary", result.summary)
         return run.info.run_id
 
 

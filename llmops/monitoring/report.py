@@ -1,11 +1,12 @@
-"""The drift report: one self-contained HTML page with the checks table, token-length histograms and the unigrams
-that moved most."""
+"""The drift report: one self-contained HTML page with the checks table, token-length histograms, the unigrams
+that moved most (shown as the tokens they are) and, for tracked checks, each score over the batches checked so far."""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,23 +15,59 @@ if TYPE_CHECKING:
     from llmops.monitoring.drift import MonitorResult
 
 
-def _png(fig: Any) -> str:
+def _png_bytes(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def render_report(result: MonitorResult, reference: dict[str, Any], stats: dict[str, Any]) -> str:
-    """A self-contained HTML page: the checks table, token-length histograms, and the unigrams that moved most."""
-    import html
+def _png(fig: Any) -> str:
+    return base64.b64encode(_png_bytes(fig)).decode()
 
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def token_label(tokenizer: Any, token_id: int) -> str:
+    """A token as the text it stands for, quoted so spaces and newlines show (`' def'`, `'\\n    '`)."""
+    return repr(tokenizer.decode([token_id]))
+
+
+def history_png(history: list[dict[str, Any]]) -> bytes:
+    """One panel per check: its score at each tracked check (x = the ledger's step), the threshold dashed, flagged
+    points red. `history` is the ledger's `batches` list, oldest first."""
+    plt = _pyplot()
+    names = [n for n in history[-1]["scores"] if any(e["scores"].get(n) is not None for e in history)]
+    fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 1.6 * max(len(names), 1)), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        points = [(e["step"], e["scores"][name], name in e["flagged"]) for e in history if e["scores"].get(name) is not None]
+        steps, values, _ = zip(*points, strict=True)
+        ax.plot(steps, values, marker="o", markersize=3, color="tab:blue")
+        ax.scatter([s for s, _, f in points if f], [v for _, v, f in points if f], color="tab:red", zorder=3)
+        ax.axhline(history[-1]["thresholds"][name], linestyle="--", color="grey", linewidth=1)
+        ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
+    axes[-1, 0].set_xlabel("batch (ledger step)")
+    fig.suptitle("Drift scores over the batches checked (dashed: threshold, red: flagged)", fontsize=9)
+    return _png_bytes(fig)
+
+
+def render_report(
+    result: MonitorResult, reference: dict[str, Any], stats: dict[str, Any], token_label: Callable[[int], str], history: bytes | None = None
+) -> str:
+    """A self-contained HTML page: the checks table, token-length histograms, the unigrams that moved most (labelled by
+    `token_label`, which turns a token id into the text it stands for) and the score history PNG when given."""
+    import html
+
+    plt = _pyplot()
 
     edges = np.asarray(reference["doc_length_bin_edges"])
     ref_h = np.asarray(reference["doc_length_histogram"], dtype=float)
@@ -47,14 +84,18 @@ def render_report(result: MonitorResult, reference: dict[str, Any], stats: dict[
     new_u = np.asarray(stats["unigram_counts"], dtype=float)
     p, q = ref_u / max(ref_u.sum(), 1), new_u / max(new_u.sum(), 1)
     top = np.argsort(-np.abs(q - p))[:20]
+    labels = [token_label(int(i)) for i in top]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.barh(np.arange(len(top)) - 0.2, p[top], height=0.4, label="reference")
     ax.barh(np.arange(len(top)) + 0.2, q[top], height=0.4, label="batch")
-    ax.set_yticks(np.arange(len(top)), [f"id {i}" for i in top])
+    ax.set_yticks(np.arange(len(top)), labels)
     ax.invert_yaxis()
-    ax.set(xlabel="share of tokens", title="Unigrams that moved most")
+    ax.set(xlabel="share of tokens", title="Tokens whose share moved most")
     ax.legend()
     unigram_png = _png(fig)
+    moved = "".join(
+        f"<tr><td><code>{html.escape(label)}</code></td><td>{int(i)}</td><td>{p[i]:.4%}</td><td>{q[i]:.4%}</td></tr>" for label, i in zip(labels, top, strict=True)
+    )
 
     rows = "".join(
         f"<tr class='{'bad' if c.flagged else 'ok'}'><td>{c.name}</td><td>{'n/a' if math.isnan(c.score) else f'{c.score:.4f}'}</td>"
@@ -70,6 +111,8 @@ tr.bad td{{background:#fdd}}tr.ok td:nth-child(4){{color:#070}}</style></head><b
 <p>batch <code>{html.escape(result.batch)}</code> (id {result.batch_id}); model scored: {html.escape(result.model)}</p>
 <table><tr><th>check</th><th>score</th><th>threshold</th><th>verdict</th><th>note</th></tr>{rows}</table>
 <h2>Token lengths</h2><img src="data:image/png;base64,{length_png}">
-<h2>Unigrams</h2><img src="data:image/png;base64,{unigram_png}">
+<h2>Tokens whose share moved most</h2><img src="data:image/png;base64,{unigram_png}">
+<table><tr><th>token</th><th>id</th><th>share in reference</th><th>share in batch</th></tr>{moved}</table>
+{f'<h2>Scores over time</h2><img src="data:image/png;base64,{base64.b64encode(history).decode()}">' if history else ""}
 <h2>Counts and timings</h2><table>{info}</table>
 </body></html>"""

@@ -39,6 +39,19 @@ PROSE = [
 ]
 
 
+# A deploy flow's load-test metrics (what it logs to MLflow): 4 clients x 40 tokens/s each.
+LOAD_TEST = {"load.latency_p95_s": 1.0, "load.latency_p50_s": 0.8, "load.tokens_per_s": 160.0, "load.clients": 4.0}
+
+
+def captured(i: int, *, refused: bool = False, latency_s: float = 0.8, tokens_out: int = 32, text: str = "def add(a, b):\n") -> dict:
+    """One request record in serving's capture format (the shared contract of request capture and the monitor)."""
+    return {
+        "text": text, "id": f"req-{i}", "time": "2026-12-02T09:00:00Z", "model": "llmops-code", "model_version": "3",
+        "route": "/v1/completions", "status": 429 if refused else 200, "refused": refused, "tokens_in": 7,
+        "tokens_out": 0 if refused else tokens_out, "latency_s": 0.001 if refused else latency_s, "ttft_s": None if refused else 0.05,
+    }  # fmt: skip
+
+
 def pool_files() -> list[Path]:
     root = stdlib_root()
     return [p for pkg in PACKAGES for p in sorted((root / pkg).glob("*.py")) if p.stat().st_size > 500]
