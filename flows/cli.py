@@ -115,7 +115,7 @@ def _run_summary(result: dict, params, after: list[str]) -> list[str]:
     lines.append(f"MLflow run {result['mlflow_run_id']} at {tracking_uri(params.tracking, params.paths.root)}  ->  `llmops ui` (or `mlflow ui --backend-store-uri {params.tracking.uri}`)")
     rel = params.paths.as_params()
     lines.append(f"data: {rel['raw']}, {rel['validated']}, {rel['quarantine']}, {rel['dedup']}, {rel['duplicates']}, {rel['tokens']}, {rel['instructions']}")
-    lines.append(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
+    lines.append(f"models: {rel['tokenizer']}, {rel['pretrain_model']}, {rel['finetune_model']} (LoRA merged), {rel['adapter']}, {rel['aligned_model']} (align's candidate: metrics/align.json), {rel['student_model']} (distilled draft), {rel['quantized']}/<scheme> (table: {rel['reports']}/quantize/table.md)")
     lines.append(f"metrics: `dvc metrics show` (the headline, {rel['metrics']}/summary.json; each stage's in {rel['metrics']}/<stage>.json); Data Docs: {rel['reports']}/validate/data_docs/index.html")
     if "register" in result["stages"] and (registered := result["stages"]["register"]["metrics"]):
         lines.append(
@@ -328,7 +328,7 @@ def serve(
     import time
 
     from llmops.params.load import load_params
-    from llmops.serving.backends import choose_backend, inspect_model
+    from llmops.serving.backends import choose_backend, inspect_model, with_draft
     from llmops.serving.server import api_key, start
 
     _stop_servers_on_sigterm()
@@ -339,7 +339,7 @@ def serve(
         cfg, store = params.serve, _store(params)
         spec = model or f"{model_name(params.register)}@production"
         ref = resolve(spec, store, quantized=quantized)
-        served = inspect_model(ref.path, ref.name or ref.path.name)
+        served = with_draft(inspect_model(ref.path, ref.name or ref.path.name), cfg, params.paths)
         chosen = choose_backend(cfg.backend if backend == "auto" else backend)
         console.print(f"starting {chosen} for {spec} ({ref.path}); waiting up to {cfg.health_timeout_s:.0f} s for /health")
         server = start(

@@ -81,7 +81,7 @@ def deploy(
     from prefect.runtime import flow_run
 
     from llmops.registry.store import DEPLOY_RUN_TAG, Store, alias_version, client, record_endpoint, resolve, set_alias
-    from llmops.serving.backends import choose_backend, inspect_model
+    from llmops.serving.backends import choose_backend, inspect_model, with_draft
     from llmops.serving.server import api_key, start
 
     logger = get_run_logger()
@@ -92,7 +92,7 @@ def deploy(
         cfg = cfg.model_copy(update={"capture": False})  # the server only answers the deploy's own tests
     spec = model or default_spec(params)
     ref = resolve(spec, store, quantized=quantized)
-    served = inspect_model(ref.path, ref.name or Path(ref.path).name)
+    served = with_draft(inspect_model(ref.path, ref.name or Path(ref.path).name), cfg, params.paths)
     chosen = choose_backend(cfg.backend if backend == "auto" else backend)
     key = api_key(cfg, repo)
     previous = alias_version(ref.name, PRODUCTION, store) if ref.name else None

@@ -16,6 +16,7 @@ from llmops.common.errors import DataError
 from llmops.common.io import atomic_dir
 from llmops.common.progress import quiet_libraries
 from llmops.common.results import StageResult
+from llmops.training.candidate import candidate_model_dir
 from llmops.evaluation.suite import held_out_perplexity, humaneval, instruction_match
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.model import ModelConfig
@@ -39,7 +40,7 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, paths: PathsConfig) -> Sta
     from llmops.evaluation.generation import load_model
 
     quiet_libraries()
-    model_dir = paths.finetune_model
+    model_dir = candidate_model_dir(paths.finetune_model, paths.aligned_model, paths.metrics)
     if not (model_dir / "config.json").exists():
         raise DataError(f"{model_dir}: no fine-tuned model (config.json missing); run the finetune stage first.")
     metrics: dict[str, Any] = {"perplexity": held_out_perplexity(model_dir, paths.tokens, cfg, "evaluate: perplexity (finetune)")}

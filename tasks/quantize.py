@@ -16,6 +16,7 @@ from llmops.common.errors import DataError
 from llmops.common.io import atomic_dir
 from llmops.common.progress import quiet_libraries
 from llmops.common.results import StageResult
+from llmops.training.candidate import candidate_model_dir
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.quantize import QuantizeConfig
@@ -35,7 +36,7 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
     from llmops.common import tracking
 
     quiet_libraries()
-    model_dir, tokens = paths.finetune_model, paths.tokens
+    model_dir, tokens = candidate_model_dir(paths.finetune_model, paths.aligned_model, paths.metrics), paths.tokens
     if not (model_dir / "config.json").exists():
         raise DataError(f"{model_dir}: no fine-tuned model (config.json missing); run the finetune stage first.")
     skipped = {s: reason for s in cfg.schemes if (reason := recipes.unavailable(s))}

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from llmops.common import tracking
 from llmops.common.errors import DataError
 from llmops.common.results import StageResult
+from llmops.training.candidate import candidate_model_dir
 from llmops.common.stages import metrics_file
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.paths import PathsConfig
@@ -47,7 +48,7 @@ def _mlflow_run(cfg: RegisterConfig, tracking_cfg: TrackingConfig, paths: PathsC
 def run(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking_cfg: TrackingConfig, paths: PathsConfig) -> StageResult:
     import mlflow
 
-    model_dir = paths.finetune_model
+    model_dir = candidate_model_dir(paths.finetune_model, paths.aligned_model, paths.metrics)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: no fine-tuned model (config.json missing); run the finetune stage first.")
     eval_file = metrics_file("evaluate", paths)

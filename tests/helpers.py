@@ -82,6 +82,9 @@ def make_repo(root: Path, env: dict[str, str], files: Iterable[str] = (), dirs: 
         params["evaluate"].update(seq_len=32, eval_tokens=1024, batch_size=8, max_problems=2, max_new_tokens=8, max_pairs=3, timeout_s=3.0)
         params["quantize"].update(calibration_samples=8, calibration_seq_len=32, latency_prompt_tokens=8, latency_new_tokens=8, latency_repeats=2)
         params["serve"].update(port=0, load_requests=8, load_max_tokens=8, smoke_max_tokens=4, cb_num_blocks=32)
+        params["align"].update(max_prompts=4, max_eval_prompts=2, max_examples=2, samples_per_prompt=1, max_new_tokens=16, max_steps=2, batch_size=2, max_seq_len=128)
+        params["distill"].update(num_layers=1, max_steps=4, max_train_pairs=64, max_eval_pairs=8, batch_size=4, humaneval_problems=2,
+                                 speed_new_tokens=8, speed_repeats=1, speculative_prompts=2, speculative_new_tokens=8)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     else:
         shutil.copy(ROOT / "params.yaml", repo / "params.yaml")

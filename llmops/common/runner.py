@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from llmops.params.load import Params
 
 # How a stage uses its inputs, as MLflow's dataset context shows it.
-DATASET_CONTEXT = {"pretrain": "training", "finetune": "training", "evaluate": "evaluation", "quantize": "evaluation"}
+DATASET_CONTEXT = {"pretrain": "training", "finetune": "training", "align": "training", "distill": "training", "evaluate": "evaluation", "quantize": "evaluation"}
 
 
 def logged_params(stage: Stage, params: Params) -> dict[str, Any]:

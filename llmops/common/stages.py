@@ -23,7 +23,8 @@ MONITOR_METRICS = "monitor.json"  # the drift monitor (a flow, not a DVC stage) 
 # The metrics files the headline reads (llmops/common/headline.py's HEADLINE stages, in DAG order).
 HEADLINE_FILES = ("ingest.json", "validate.json", "dedup.json", "tokenize.json", "pretrain.json", "finetune.json", "eval.json")
 
-# The evaluate keys quantize scores its variants with (held-out perplexity and HumanEval); not compare_base, max_pairs.
+# The evaluate keys quantize (its variants) and distill (student and teacher) score with: held-out perplexity and
+# HumanEval; not compare_base, max_pairs.
 _QUANTIZE_EVALUATE_KEYS = (
     "seq_len", "eval_tokens", "batch_size", "max_problems", "samples_per_problem", "pass_k", "temperature", "top_p",
     "max_new_tokens", "seed", "timeout_s", "memory_mb", "max_processes", "max_file_mb", "workers", "allow_unsandboxed",
@@ -83,17 +84,31 @@ STAGES: dict[str, Stage] = {
             distributed=True,
         ),
         Stage(
+            "align", "model",
+            ("align", "train", "finetune.eval_fraction", *_evaluate_keys((
+                "seq_len", "eval_tokens", "batch_size", "timeout_s", "memory_mb", "max_processes", "max_file_mb", "workers", "allow_unsandboxed",
+            ))),
+            ("${paths.finetune_model}", "${paths.dedup}", "${paths.tokens}"),
+            ("${paths.aligned_model}", "${paths.reports}/align"), "align.json",
+        ),  # fmt: skip
+        Stage(
+            "distill", "model", ("distill", "train", "register.model_name", "register.log_transformers_flavor", *_evaluate_keys(_QUANTIZE_EVALUATE_KEYS)),
+            ("${paths.finetune_model}", "${paths.instructions}", "${paths.tokens}"),
+            ("${paths.student_model}", "${paths.reports}/distill"), "distill.json",
+        ),
+        Stage(
             "evaluate", "model", ("evaluate", "model.base"),
-            ("${paths.finetune_model}", "${paths.pretrain_model}", "${paths.tokens}", "${paths.instructions}"),
+            ("${paths.finetune_model}", "${paths.aligned_model}", "${paths.metrics}/align.json", "${paths.pretrain_model}", "${paths.tokens}", "${paths.instructions}"),
             ("${paths.reports}/evaluate",), "eval.json",
         ),
         Stage(
-            "quantize", "variants", ("quantize", *_evaluate_keys(_QUANTIZE_EVALUATE_KEYS)), ("${paths.finetune_model}", "${paths.tokens}"),
+            "quantize", "variants", ("quantize", *_evaluate_keys(_QUANTIZE_EVALUATE_KEYS)),
+            ("${paths.finetune_model}", "${paths.aligned_model}", "${paths.metrics}/align.json", "${paths.tokens}"),
             ("${paths.quantized}", "${paths.reports}/quantize"), "quantize.json",
         ),
         Stage(
             "register", "registry", ("register", "evaluate", "tracking"),
-            ("${paths.finetune_model}", "${paths.quantized}", "${paths.tokens}", "${paths.instructions}",
+            ("${paths.finetune_model}", "${paths.aligned_model}", "${paths.metrics}/align.json", "${paths.quantized}", "${paths.tokens}", "${paths.instructions}",
              "${paths.metrics}/eval.json", "${paths.metrics}/quantize.json"),
             (), "register.json",
         ),  # fmt: skip

@@ -12,8 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops.common.errors import ConfigError
+from llmops.params.align import AlignConfig
 from llmops.params.base import Section
 from llmops.params.dedup import DedupConfig
+from llmops.params.distill import DistillConfig
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.finetune import FinetuneConfig
 from llmops.params.ingest import IngestConfig
@@ -49,6 +51,8 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    align: AlignConfig = AlignConfig()
+    distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     register: RegisterConfig = RegisterConfig()

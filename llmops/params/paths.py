@@ -31,6 +31,8 @@ class PathsConfig(Section):
     pretrain_model: Path = Path("models/pretrain")
     finetune_model: Path = Path("models/finetune")  # full weights (LoRA merged): what evaluation and serving load
     adapter: Path = Path("models/adapter")  # the LoRA adapter itself (empty for full fine-tuning)
+    aligned_model: Path = Path("models/aligned")  # align: the fine-tuned model after DPO / GRPO (LoRA merged)
+    student_model: Path = Path("models/student")  # distill: the shallower student of the fine-tuned model (the speculative draft)
     checkpoints: Path = Path("checkpoints")  # resumable training state; not a DVC output, never half-taken as done
     quantized: Path = Path("models/quantized")  # one compressed-tensors HF directory per scheme (w8a8/, w4a16/)
     registry: Path = Path("models/registry")  # registry downloads: <name>/<version>/ (a plain HF directory)

@@ -38,6 +38,8 @@ class ServeConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1)  # vllm --tensor-parallel-size (GPUs per replica)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of GPU memory for weights + KV cache
     max_lora_rank: int = Field(16, ge=1)  # vllm --max-lora-rank when the model is a LoRA adapter
+    speculative: str = "off"  # draft model for speculative decoding: off | distill (paths.student_model) | a model directory
+    num_speculative_tokens: int = Field(4, ge=1)  # tokens the draft proposes per verification round (vLLM --speculative-config; transformers assisted generation)
     request_timeout_s: float = Field(120.0, gt=0)  # per request: the proxy's upstream limit, the smoke and load tests
     max_body_bytes: int = Field(1_000_000, ge=1024)  # proxy: larger request bodies get 413
     client_timeout_s: float = Field(15.0, gt=0)  # proxy: a client must send a request's head within this, and its body within as long again

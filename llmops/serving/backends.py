@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmops.common import env
 from llmops.params.serve import ServeConfig
 from llmops.common.errors import ConfigError, ServeError
+
+if TYPE_CHECKING:
+    from llmops.params.paths import PathsConfig
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
@@ -24,6 +28,7 @@ class ServedModel:
     adapter_base: Path | None = None  # set when `path` is a LoRA adapter: the base model it applies to
     quantization: str = ""  # the checkpoint's quantization_config.quant_method (e.g. compressed-tensors)
     lora_rank: int = 0
+    draft: Path | None = None  # speculative decoding: the draft model (serve.speculative, set by speculative.with_draft)
 
 
 def _read_json(path: Path) -> dict:
@@ -68,6 +73,48 @@ def inspect_model(path: Path, name: str) -> ServedModel:
     return ServedModel(path=path, name=name, quantization=str(quant))
 
 
+SPECULATIVE_OFF = ("", "off")
+FROM_DISTILL = "distill"  # serve.speculative: distill = paths.student_model
+
+
+def draft_dir(spec: str, paths: PathsConfig) -> Path | None:
+    """The draft model directory `serve.speculative` names: None for off, paths.student_model for `distill`, else a
+    directory (relative to the repository root)."""
+    spec = spec.strip()
+    if spec.lower() in SPECULATIVE_OFF:
+        return None
+    if spec == FROM_DISTILL:
+        return paths.student_model
+    path = Path(spec).expanduser()
+    return path if path.is_absolute() else paths.root / path
+
+
+def _tokenizer_file(model_dir: Path) -> bytes | None:
+    path = Path(model_dir) / "tokenizer.json"
+    return path.read_bytes() if path.is_file() else None
+
+
+def with_draft(served: ServedModel, cfg: ServeConfig, paths: PathsConfig) -> ServedModel:
+    """`served` with the draft `serve.speculative` names, checked: servable (safetensors, no remote code), the same
+    vocabulary and tokenizer as the served model (the target verifies the draft's token ids as its own)."""
+    path = draft_dir(cfg.speculative, paths)
+    if path is None:
+        return served
+    if not (path / "config.json").is_file():
+        hint = " Run the distill stage first (`dvc repro distill`)." if cfg.speculative.strip() == FROM_DISTILL else ""
+        raise ServeError(f"serve.speculative={cfg.speculative!r}: {path} is not a model directory (no config.json).{hint}")
+    draft = inspect_model(path, f"{served.name}-draft")
+    target_dir = served.adapter_base or served.path
+    vocab = [json.loads((d / "config.json").read_text()).get("vocab_size") for d in (target_dir, draft.path)]
+    if vocab[0] != vocab[1] or _tokenizer_file(target_dir) != _tokenizer_file(draft.path):
+        raise ServeError(
+            f"serve.speculative: the draft {draft.path} does not share the served model's tokenizer (vocab_size {vocab[1]} vs "
+            f"{vocab[0]}, or tokenizer.json differs); a draft must use the target's token ids. Use the distilled student "
+            "of this model (serve.speculative: distill)."
+        )
+    return replace(served, draft=draft.path)
+
+
 # `make vllm` builds it beside .venv: vLLM pins its own torch and compressed-tensors, which llm-compressor's pins exclude.
 VLLM_VENV = Path(sys.executable).parents[2] / ".venv-vllm"
 
@@ -103,6 +150,11 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+def vllm_speculative_config(draft: Path, num_speculative_tokens: int) -> str:
+    """vLLM's `--speculative-config` JSON for a separate draft model (docs.vllm.ai, features/speculative_decoding/draft_model)."""
+    return json.dumps({"model": str(draft), "num_speculative_tokens": num_speculative_tokens, "method": "draft_model"})
+
+
 def vllm_command(model: ServedModel, cfg: ServeConfig, uds: Path) -> list[str]:
     """`vllm serve` on the Unix socket `uds` (no TCP port). Compressed-tensors checkpoints need no --quantization: vLLM reads their config."""
     weights = model.adapter_base or model.path
@@ -120,6 +172,8 @@ def vllm_command(model: ServedModel, cfg: ServeConfig, uds: Path) -> list[str]:
         cmd += ["--served-model-name", f"{model.name}-base", "--enable-lora", "--lora-modules", f"{model.name}={model.path}", "--max-lora-rank", str(rank)]
     else:
         cmd += ["--served-model-name", model.name]
+    if model.draft is not None:
+        cmd += ["--speculative-config", vllm_speculative_config(model.draft, cfg.num_speculative_tokens)]
     return cmd
 
 
@@ -144,6 +198,8 @@ def transformers_command(model: ServedModel, cfg: ServeConfig, uds: Path) -> lis
         cmd += ["--cb-max-batch-tokens", str(cfg.cb_max_batch_tokens)]
     if cfg.torch_threads:
         cmd += ["--torch-threads", str(cfg.torch_threads)]
+    if model.draft is not None:  # assisted generation: requests are served one at a time (see cpu_backend)
+        cmd += ["--draft", str(model.draft), "--num-speculative-tokens", str(cfg.num_speculative_tokens)]
     return cmd
 
 

@@ -87,26 +87,34 @@ def docstring_pairs(doc_id: str, text: str) -> Iterator[Pair]:
         )
 
 
-def read_jsonl_pairs(path: Path, shown: str = "") -> tuple[list[Pair], list[Rejected]]:
-    """User pairs: {"prompt", "response"} or {"messages": [{role, content}, ...]} ending with the assistant."""
-    pairs: list[Pair] = []
-    rejected: list[Rejected] = []
+def jsonl_rows(path: Path, shown: str = "") -> Iterator[tuple[int, str, Any]]:
+    """(line number, `file:line` as errors name it, the parsed row) for each non-blank line of a user JSONL file; a
+    line that is not JSON comes as (lineno, where, Rejected) so the caller quarantines it with the reason."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             where = f"{shown or path}:{lineno}"
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, where, json.loads(line)
             except json.JSONDecodeError as exc:
-                rejected.append(Rejected(where, f"not valid JSON ({exc.msg})", line.rstrip("\n")[:2000]))
-                continue
-            messages, rule = _messages_of(row)
-            if rule:
-                rejected.append(Rejected(where, rule, row))
-                continue
-            row_id = str(row.get("id") or f"{path.name}:{lineno}")
-            pairs.append(Pair(id=row_id, source=row_id, messages=messages))
+                yield lineno, where, Rejected(where, f"not valid JSON ({exc.msg})", line.rstrip("\n")[:2000])
+
+
+def read_jsonl_pairs(path: Path, shown: str = "") -> tuple[list[Pair], list[Rejected]]:
+    """User pairs: {"prompt", "response"} or {"messages": [{role, content}, ...]} ending with the assistant."""
+    pairs: list[Pair] = []
+    rejected: list[Rejected] = []
+    for lineno, where, row in jsonl_rows(path, shown):
+        if isinstance(row, Rejected):
+            rejected.append(row)
+            continue
+        messages, rule = _messages_of(row)
+        if rule:
+            rejected.append(Rejected(where, rule, row))
+            continue
+        row_id = str(row.get("id") or f"{path.name}:{lineno}")
+        pairs.append(Pair(id=row_id, source=row_id, messages=messages))
     return pairs, rejected
 
 

@@ -40,8 +40,10 @@ def test_flow_runs_every_stage_and_the_records_add_up(repo):
     console = " ".join(run.stderr.split())  # rich wraps long lines at the terminal width
     assert "pipeline done: ran " in console, console[-3000:]
     ran = console.split("pipeline done: ran ", 1)[1].split(";", 1)[0].split(", ")
-    assert ran[:6] == ["ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"] and ran[-2:] == ["register", "summary"]
-    assert sorted(ran[6:-2]) == ["evaluate", "quantize"]  # both only need finetune's model: DVC may order them either way
+    assert ran[:6] == ["ingest", "validate", "dedup", "tokenize", "pretrain", "finetune"]
+    # what only needs the fine-tuned model (and align's choice of candidate) comes after it in an order DVC picks
+    assert sorted(ran[6:]) == ["align", "distill", "evaluate", "quantize", "register", "summary"]
+    assert ran.index("align") < min(ran.index(s) for s in ("evaluate", "quantize", "register")) and ran.index("quantize") < ran.index("register")  # both only need finetune's model: DVC may order them either way
     ingest, validate, dedup = metrics(repo, "ingest"), metrics(repo, "validate"), metrics(repo, "dedup")
     assert ingest["docs"] == len(CORPUS_FILES) + 3
     assert validate["quarantined"] >= 1
@@ -59,7 +61,7 @@ def test_mlflow_has_a_parent_run_with_a_nested_run_per_stage_and_dvc_md5_inputs(
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     children = {r.data.tags["llmops.stage"]: r for r in nested if "llmops.stage" in r.data.tags}
     assert [r.info.run_name for r in nested if "llmops.stage" not in r.data.tags] == ["deploy"]  # the deploy it ended with
-    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "evaluate", "quantize", "register", "summary"}
+    assert set(children) == {"ingest", "validate", "dedup", "tokenize", "pretrain", "finetune", "align", "distill", "evaluate", "quantize", "register", "summary"}
     assert children["dedup"].data.metrics["docs_in"] == metrics(repo, "dedup")["docs_in"]
     assert children["validate"].data.params["validate.min_pass_rate"] == "0.5"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
