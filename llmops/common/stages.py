@@ -92,7 +92,9 @@ STAGES: dict[str, Stage] = {
             ("${paths.aligned_model}", "${paths.reports}/align"), "align.json",
         ),  # fmt: skip
         Stage(
-            "distill", "model", ("distill", "train", "register.model_name", "register.log_transformers_flavor", *_evaluate_keys(_QUANTIZE_EVALUATE_KEYS)),
+            # "variants": a model derived from the candidate and registered on its own, like quantize's; `llmops
+            # reproduce` rebuilds the candidate's chain (the "model" stages), not its variants
+            "distill", "variants", ("distill", "train", "register.model_name", "register.log_transformers_flavor", *_evaluate_keys(_QUANTIZE_EVALUATE_KEYS)),
             ("${paths.finetune_model}", "${paths.instructions}", "${paths.tokens}"),
             ("${paths.student_model}", "${paths.reports}/distill"), "distill.json",
         ),

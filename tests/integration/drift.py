@@ -59,7 +59,9 @@ class Rollout:
     @property
     def seconds(self) -> dict[str, float]:
         """Server-side timings: check (monitor start to pipeline start), retrain (the pipeline run), event to roll-out
-        start (register's event, the automation, the worker picking the run up), roll-out (the deploy run)."""
+        start (register's event, the automation, the worker picking the run up; from the pipeline run's end, so negative
+        when the roll-out starts while the pipeline's last steps, the summary stage and dvc push, still run), roll-out
+        (the deploy run)."""
         return {
             "check": (server_time(self.pipeline, "start_time") - server_time(self.monitor, "start_time")).total_seconds(),
             "retrain_and_gate": (server_time(self.pipeline, "end_time") - server_time(self.pipeline, "start_time")).total_seconds(),

