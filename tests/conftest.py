@@ -19,6 +19,21 @@ os.environ["LLMOPS_PROGRESS"] = "0"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_mlflow_store():
+    """Each module starts without MLFLOW_TRACKING_URI and leaves MLflow's URI as it found it: stages tracked in-process
+    point MLflow (and, through mlflow.set_tracking_uri, the environment) at their project's store, which must not leak
+    into later tests."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None), utils._tracking_uri
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved_env is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    utils._tracking_uri = saved_uri
+
+
 def project_paths(root: Path, **overrides: str) -> PathsConfig:
     """params.yaml `paths` (defaults plus `overrides`) resolved against `root`, as the runner hands them to a stage."""
     return PathsConfig(**overrides).under(root)

@@ -21,21 +21,6 @@ from ..helpers import BIN, MICRO
 MICRO_MOE = {**MICRO, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_store():
-    """Each module starts without MLFLOW_TRACKING_URI and leaves MLflow's URI as it found it: stages tracked in-process
-    point MLflow (and, through mlflow.set_tracking_uri, the environment) at their project's store, which must not leak
-    into later tests."""
-    from mlflow.tracking._tracking_service import utils
-
-    saved_env, saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None), utils._tracking_uri
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if saved_env is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_env
-    utils._tracking_uri = saved_uri
-
-
 def micro_params(**sections: dict) -> dict:
     """params.yaml for the micro project; `sections` override keys per section."""
     params = {

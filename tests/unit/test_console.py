@@ -18,8 +18,10 @@ LLMOPS = str(ROOT / ".venv/bin/llmops")
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any of the switches under test, so the CLI's defaults show."""
-    out = {k: v for k, v in os.environ.items() if k not in env.QUIET_LIBRARIES and k not in (env.LIBRARY_PROGRESS, env.PROGRESS)}
+    """This environment without any of the switches under test, so the CLI's defaults show, and without an MLflow
+    URI an earlier test may have left, so the CLI reads the store its params.yaml names."""
+    dropped = {env.LIBRARY_PROGRESS, env.PROGRESS, "MLFLOW_TRACKING_URI"}
+    out = {k: v for k, v in os.environ.items() if k not in env.QUIET_LIBRARIES and k not in dropped}
     return out | extra
 
 
