@@ -4,6 +4,7 @@ good, comments kept (as `dvc exp run --set-param` does), or not written at all."
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,24 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE, root: Path | No
     return params.model_copy(update={"paths": paths})
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, so `off`, `no` and `on` stay strings.
+
+    DVC reads and rewrites params.yaml as YAML 1.2 (`dvc exp run -S serve.speculative=off` writes a bare `off`), so
+    llmops reads the same file the same way."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'a.b=c' -> (['a', 'b'], value parsed as a YAML scalar, so 0.5 is a float and true a bool)."""
     if "=" not in item:
@@ -129,7 +148,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        return parts, yaml.safe_load(value) if value.strip() else ""
+        return parts, load_yaml(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         where = f" at column {exc.problem_mark.column + 1}" if getattr(exc, "problem_mark", None) else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -163,7 +182,7 @@ def _read_raw(path: Path) -> dict[str, Any]:
 
 def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -93,3 +93,17 @@ def test_pretrain_and_finetune_share_one_optimiser_section_with_their_own_defaul
         assert {k: getattr(optim, k) for k in OptimSection.model_fields} == section.model_dump(include=set(OptimSection.model_fields))
     assert (PretrainConfig().batch_size, FinetuneConfig().batch_size) == (16, 8)
     assert (PretrainConfig().weight_decay, FinetuneConfig().weight_decay) == (0.1, 0.0)
+
+
+def test_params_read_as_dvc_writes_them_yaml_1_2_booleans(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2, leaving `serve.speculative: off` bare; it must stay the string
+    DVC reads, not YAML 1.1's False, both in the file and in --set."""
+    from llmops.params.load import load_params, parse_override
+
+    text = (ROOT / "params.yaml").read_text().replace('speculative: "off"', "speculative: off")
+    assert "speculative: off" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.serve.speculative == "off"
+    assert parse_override("serve.speculative=off") == (["serve", "speculative"], "off")
+    assert parse_override("evaluate.compare_base=false") == (["evaluate", "compare_base"], False)
