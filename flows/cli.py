@@ -96,7 +96,7 @@ def run(
         after.append(_deploy_champion(params, keep_serving, pipeline_run_id=result["mlflow_run_id"]))
     if monitor_after and params.monitor.after_run and to_stage is None:
         console.print("monitor: the drift monitor on the held-out batch (a healthy run is not flagged)")
-        after.append(_monitor(None, heldout=True, retrain=False, repo=repo, force=True))
+        after.append(_monitor(None, heldout=True, retrain=False, repo=repo, force=True, pipeline_run_id=result["mlflow_run_id"]))
     _stop_prefect_services()
     for line in _run_summary(result, params, after):
         console.print(line)
@@ -409,8 +409,9 @@ def monitor(
     _monitor(batch, heldout=heldout, retrain=retrain, repo=repo, force=force)
 
 
-def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path, force: bool = False) -> str:
-    """Run the monitor flow and print its table; returns the verdict line (`llmops run` repeats it in its summary)."""
+def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path, force: bool = False, pipeline_run_id: str = "") -> str:
+    """Run the monitor flow and print its table; returns the verdict line (`llmops run` repeats it in its summary).
+    `pipeline_run_id`: the pipeline run this check ends; its MLflow run and the monitor's are linked by tags both ways."""
     if bool(batch) == heldout:
         _fail(LlmopsError("give exactly one of --batch PATH_OR_GLOB or --heldout"))
     try:
@@ -423,7 +424,7 @@ def _monitor(batch: str | None, *, heldout: bool, retrain: bool, repo: Path, for
 
             export_heldout(params)
             batch = params.monitor.heldout_batch  # relative to the repository, like ingest.source
-        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo), force=force)
+        result = monitor_flow(batch=batch, retrain=retrain, repo_dir=str(repo), force=force, pipeline_run_id=pipeline_run_id)
     except LlmopsError as exc:
         _fail(exc)
     if result.get("skipped"):

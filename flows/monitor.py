@@ -25,6 +25,8 @@ from llmops.common.errors import StageError
 DRIFT_EVENT = "llmops.drift.detected"
 PIPELINE_DEPLOYMENT = "pipeline/pipeline"
 DEPLOY_DEPLOYMENT = "deploy/deploy"
+# The monitor run lives in the monitor experiment: it is linked to the pipeline run it ended by these tags, both ways.
+PIPELINE_RUN_TAG, MONITOR_RUN_TAG = "llmops.pipeline_run_id", "llmops.monitor_run_id"
 
 
 @task(task_run_name="check {batch}")
@@ -100,12 +102,36 @@ def roll_out(repo: Path, logger: Any) -> str:
     return "local deploy flow"
 
 
+def link_to_pipeline(client: Any, monitor_run_id: str, pipeline_run_id: str) -> None:
+    """Link a monitor run and the pipeline run it ended, both ways: they live in two experiments, so the monitor run
+    cannot nest under the pipeline run as the deploy run does.
+
+    The monitor run gets the tag `llmops.pipeline_run_id` and a description that names the pipeline run as a link on
+    the MLflow run page; the pipeline run gets `llmops.monitor_run_id` and a line in its description linking back.
+    The links are the UI's own `#/experiments/ID/runs/ID` addresses, relative, so they work under any tracking server.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE  # the run page's description, shown as Markdown
+
+    monitor_run, pipeline_run = client.get_run(monitor_run_id), client.get_run(pipeline_run_id)
+
+    def link(run: Any) -> str:
+        return f"[{run.info.run_name or run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+
+    client.set_tag(monitor_run_id, PIPELINE_RUN_TAG, pipeline_run_id)
+    summary = monitor_run.data.tags.get("llmops.summary", "")
+    client.set_tag(monitor_run_id, MLFLOW_RUN_NOTE, f"{summary}\n\n**Pipeline run:** {link(pipeline_run)} (this check ran at its end).".lstrip())
+    client.set_tag(pipeline_run_id, MONITOR_RUN_TAG, monitor_run_id)
+    note = pipeline_run.data.tags.get(MLFLOW_RUN_NOTE, "")
+    client.set_tag(pipeline_run_id, MLFLOW_RUN_NOTE, f"{note}\n\n**Monitor run:** {link(monitor_run)} (the drift check at the end of this run).".lstrip())
+
+
 @flow(name="monitor")
-def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool = True, force: bool = False) -> dict[str, Any]:
+def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool = True, force: bool = False, pipeline_run_id: str = "") -> dict[str, Any]:
     """Check `batch` for drift; past a threshold (and with `retrain` and monitor.retrain), retrain on it and roll out a new champion.
 
     Files of `batch` the monitor's ledger holds unchanged are left out (a daily run over `data/incoming/*.jsonl` checks
     only what arrived since); when none is new the run says so and ends. `force` checks every file again.
+    `pipeline_run_id`: the MLflow run of the pipeline this check ends (`llmops run`); the two runs are linked by tags.
     """
     import mlflow
     from prefect.events import emit_event
@@ -129,6 +155,8 @@ def monitor(batch: str, retrain: bool = True, repo_dir: str = ".", deploy: bool 
     params = load_params(repo / "params.yaml")
     store = registry.Store.of(params.tracking, params.paths)
     client = mlflow.MlflowClient(tracking_uri=store.uri)
+    if pipeline_run_id:
+        link_to_pipeline(client, result.mlflow_run_id, pipeline_run_id)
     if not result.drift:
         return out
     flagged = [c.name for c in result.checks if c.flagged]
