@@ -6,7 +6,6 @@ metrics/align.json records (llmops.training.candidate reads it back)."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections import Counter
@@ -21,7 +20,6 @@ from llmops.params.train import TrainConfig
 from llmops.training import runtime
 from llmops.training.preferences import DoctestPrompt, PreferencePair, example_programs, pass_shares
 
-log = logging.getLogger("llmops.align")
 EMPTY_BODY = ""  # the function is its docstring alone
 # TRL's per-step logs that go to MLflow beside loss / lr / grad_norm: DPO's implicit rewards and log-probs, GRPO's reward.
 PREFERENCE_LOG_KEYS = (
@@ -150,15 +148,9 @@ def _preference_log_class() -> type:
 
 
 def fit(trainer: Any, run_dir: Path, max_steps: int) -> dict[str, Any]:
-    """Train, resuming from the newest complete checkpoint in `run_dir` (as runtime.fit does for pretrain/finetune);
-    returns steps, seconds, where it resumed from and the per-step log history."""
-    resume = runtime.last_complete_checkpoint(run_dir)
-    resumed_from = int(resume.name[len(runtime.CHECKPOINT_PREFIX) :]) if resume else 0
-    if resume:
-        log.warning("resuming from %s (step %d of %d)", resume, resumed_from, max_steps)
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - started
+    """Train, resuming from the newest complete checkpoint in `run_dir` (runtime.train_resuming, as pretrain and
+    finetune do); returns steps, seconds, where it resumed from and the per-step log history."""
+    _, resumed_from, seconds = runtime.train_resuming(trainer, run_dir, max_steps)
     return {
         "steps": trainer.state.global_step, "train_seconds": seconds, "resumed_from_step": resumed_from,
         "log_history": [dict(entry) for entry in trainer.state.log_history],

@@ -15,9 +15,9 @@ packing saves the padding GKD computes on, for the same objective.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -139,41 +139,15 @@ def _trainer_class() -> type:
 
 def fit(*, train: Any, optim: Any, student: Any, teacher: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
         collator: Any, run_dir: Path, temperature: float, ce_weight: float) -> tuple[Any, Any]:
-    """runtime.fit's loop (resume from the newest complete checkpoint, MLflow per-step metrics, progress) with the
-    distillation Trainer; returns (trainer, runtime.FitResult)."""
+    """runtime.fit (resume from the newest complete checkpoint, MLflow per-step metrics, progress) with the distillation
+    Trainer; returns (trainer, runtime.FitResult)."""
     from llmops.training import runtime
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = runtime.last_complete_checkpoint(run_dir)
-    has_eval = eval_dataset is not None and len(eval_dataset) > 0
-    args = runtime.training_arguments(train, optim, run_dir, eval_every=train.eval_every if has_eval else 0)
-    callback = runtime.TrackingCallback(None, None)
-    trainer = _trainer_class()(
-        model=student, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset if has_eval else None,
-        data_collator=collator, processing_class=tokenizer, callbacks=[callback],
-        teacher=teacher, temperature=temperature, ce_weight=ce_weight,
+    trainer_class = functools.partial(_trainer_class(), teacher=teacher, temperature=temperature, ce_weight=ce_weight)
+    return runtime.fit(
+        train=train, optim=optim, model=student, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        collator=collator, run_dir=run_dir, stage="distill", trainer_class=trainer_class,
     )
-    runtime.quiet(trainer)
-    trainer.add_callback(runtime.ConsoleCallback("distill: training"))
-    resumed_from = int(resume.name[len(runtime.CHECKPOINT_PREFIX) :]) if resume else 0
-    if resume and runtime.is_main_process():
-        runtime.log.warning("resuming from %s (step %d of %d)", resume, resumed_from, optim.max_steps)
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - started
-    eval_loss = float(trainer.evaluate()["eval_loss"]) if has_eval else float("nan")
-    callback.flush()
-    history = [dict(e) for e in trainer.state.log_history]
-    losses = [e["loss"] for e in history if "loss" in e]
-    tail = losses[-max(1, len(losses) // 10) :] if losses else [float(output.training_loss)]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    session_tokens = tokens - callback.start_tokens
-    result = runtime.FitResult(
-        steps=trainer.state.global_step, train_loss=float(sum(tail) / len(tail)), eval_loss=eval_loss, tokens=tokens,
-        train_seconds=seconds, tokens_per_s=session_tokens / seconds if seconds > 0 else 0.0, resumed_from_step=resumed_from,
-        log_history=history,
-    )
-    return trainer, result
 
 
 def held_out_kl(student: Any, teacher: Any, examples: list[dict[str, list[int]]], *, batch_size: int = 8) -> float:

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,19 @@ def _step_metrics(entry: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def train_resuming(trainer: Any, run_dir: Path, max_steps: int) -> tuple[Any, int, float]:
+    """trainer.train() from the newest complete checkpoint in `run_dir` (from step 0 where there is none), the resume
+    point logged and tagged on the stage's MLflow run; returns (the Trainer's output, the step it resumed from, seconds)."""
+    resume = last_complete_checkpoint(run_dir)
+    resumed_from = int(resume.name[len(CHECKPOINT_PREFIX) :]) if resume else 0
+    if resume and is_main_process():
+        log.warning("resuming from %s (step %d of %d)", resume, resumed_from, max_steps)
+        _tag("llmops.resumed_from_step", str(resumed_from))
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return output, resumed_from, time.perf_counter() - started
+
+
 def fit(
     *,
     train: TrainConfig,
@@ -309,19 +323,23 @@ def fit(
     run_dir: Path,
     stage: str,
     flops_per_token: float | None = None,
+    trainer_class: Callable[..., Any] | None = None,
 ) -> tuple[Any, FitResult]:
-    """Train with transformers' Trainer, resuming from the newest complete checkpoint in `run_dir`."""
+    """Train with transformers' Trainer, resuming from the newest complete checkpoint in `run_dir`.
+
+    `trainer_class` builds the trainer from the Trainer's arguments in its place (a subclass with its own loss, its
+    extra arguments bound, as distill's is).
+    """
     from transformers import Trainer
 
     from llmops.training.model import peak_flops
 
     run_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
-    resume = last_complete_checkpoint(run_dir)
     has_eval = eval_dataset is not None and len(eval_dataset) > 0
     args = training_arguments(train, optim, run_dir, eval_every=train.eval_every if has_eval else 0)
     callback = TrackingCallback(flops_per_token, peak_flops() if use_cuda(train) else None)
-    trainer = Trainer(
+    trainer = (trainer_class or Trainer)(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -332,13 +350,7 @@ def fit(
     )
     quiet(trainer)
     trainer.add_callback(ConsoleCallback(f"{stage}: training"))
-    resumed_from = int(resume.name[len(CHECKPOINT_PREFIX) :]) if resume else 0
-    if resume and is_main_process():
-        log.warning("resuming from %s (step %d of %d)", resume, resumed_from, optim.max_steps)
-        _tag("llmops.resumed_from_step", str(resumed_from))
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - started
+    output, resumed_from, seconds = train_resuming(trainer, run_dir, optim.max_steps)
     eval_loss = float("nan")
     if eval_dataset is not None and len(eval_dataset):
         eval_loss = float(trainer.evaluate(eval_dataset)["eval_loss"])  # also the last point of the eval_loss curve

