@@ -1,9 +1,10 @@
 """evaluate: held-out perplexity (and the base model's, for comparison), HumanEval pass@k with sandboxed execution,
-and syntax / exact / fuzzy match of generated bodies on the fine-tune eval split.
+syntax / exact / fuzzy match of generated bodies on the fine-tune eval split, and the lm-evaluation-harness tasks in
+evaluate.lm_eval (metrics `lm_eval.<task>.<metric>`).
 
 Reads models/finetune/ (and the pretrained base), data/tokens/val.bin and data/instructions/eval.jsonl; writes
-reports/evaluate/samples.jsonl (every generation with its verdict), logs the same rows as an MLflow table, and returns
-the metrics the runner writes to metrics/eval.json.
+reports/evaluate/samples.jsonl (every generation with its verdict) and reports/evaluate/lm_eval.json (lm-eval's full
+results), logs the samples as an MLflow table, and returns the metrics the runner writes to metrics/eval.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from llmops.common.io import atomic_dir
 from llmops.common.progress import quiet_libraries
 from llmops.common.results import StageResult
 from llmops.training.candidate import candidate_model_dir
+from llmops.evaluation import lm_eval
 from llmops.evaluation.suite import held_out_perplexity, humaneval, instruction_match
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.model import ModelConfig
@@ -40,6 +42,8 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, paths: PathsConfig) -> Sta
     from llmops.evaluation.generation import load_model
 
     quiet_libraries()
+    if cfg.lm_eval:
+        lm_eval.task_manager(cfg.lm_eval)  # an unknown task name fails here, before any scoring
     model_dir = candidate_model_dir(paths.finetune_model, paths.aligned_model, paths.metrics)
     if not (model_dir / "config.json").exists():
         raise DataError(f"{model_dir}: no fine-tuned model (config.json missing); run the finetune stage first.")
@@ -55,12 +59,17 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, paths: PathsConfig) -> Sta
         rows += he_rows
     metrics["instructions"], pair_rows = instruction_match(model, tokenizer, cfg, paths.instructions / "eval.jsonl")
     rows += pair_rows
+    lm_eval_results = lm_eval.score_candidate(model_dir, cfg, paths.tokens, paths.tokenizer) if cfg.lm_eval else None
+    if lm_eval_results is not None:
+        metrics["lm_eval"] = lm_eval.task_metrics(lm_eval_results)
 
     out = paths.reports / "evaluate"
     with atomic_dir(out) as tmp:
         with open(tmp / SAMPLES_FILE, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if lm_eval_results is not None:
+            lm_eval.write_results(lm_eval_results, tmp / lm_eval.RESULTS_FILE)
     tracking.log_table(rows, TABLE_FILE)
 
     he = metrics.get("humaneval")
@@ -74,8 +83,11 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, paths: PathsConfig) -> Sta
             f"({'sandboxed' if he['sandboxed'] else 'NOT sandboxed'})"
         )
     ins = metrics["instructions"]
-    summary += (
-        f", eval split: {ins['pairs']} pairs, syntax-valid {ins['syntax_valid_rate']:.2f}, exact {ins['exact_match']:.2f}, "
-        f"fuzzy {ins['fuzzy_match']:.2f} -> {out / SAMPLES_FILE}"
-    )
-    return StageResult(metrics=metrics, summary=summary, artifacts=[out / SAMPLES_FILE], facts=EVALUATE_FACTS)
+    summary += f", eval split: {ins['pairs']} pairs, syntax-valid {ins['syntax_valid_rate']:.2f}, exact {ins['exact_match']:.2f}, fuzzy {ins['fuzzy_match']:.2f}"
+    artifacts = [out / SAMPLES_FILE]
+    if lm_eval_results is not None:
+        scores = "; ".join(f"{task} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) for task, values in metrics["lm_eval"].items())
+        summary += f", lm-eval: {scores}"
+        artifacts.append(out / lm_eval.RESULTS_FILE)
+    summary += f" -> {out}"
+    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts, facts=EVALUATE_FACTS)

@@ -1,10 +1,13 @@
-"""params.yaml `evaluate`: perplexity, sandboxed HumanEval and eval-split generation."""
+"""params.yaml `evaluate`: perplexity, sandboxed HumanEval, eval-split generation and lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmops.params.base import Section
+
+# The lm-eval tasks shipped in llmops/evaluation/lm_eval_tasks/: their data is on disk, so they run offline.
+OFFLINE_LM_EVAL_TASKS = ("llmops_humaneval", "llmops_heldout_ppl")
 
 
 class EvaluateConfig(Section):
@@ -28,6 +31,19 @@ class EvaluateConfig(Section):
     max_file_mb: int = Field(16, ge=1)  # largest file a program may write
     workers: int = Field(0, ge=0)  # programs run at once; 0 = one per CPU core
     allow_unsandboxed: bool = False  # run generated code with rlimits only where namespaces are unavailable (unsafe)
+    # lm-evaluation-harness tasks run on the candidate (llmops.evaluation.lm_eval): the offline ones, or any standard
+    # lm-eval task whose dataset is cached or reachable; [] = none. Unknown names fail before any work.
+    lm_eval: list[str] = Field(default_factory=lambda: list(OFFLINE_LM_EVAL_TASKS))
+    lm_eval_limit: int = Field(20, ge=1)  # documents per lm-eval task, in order
+
+    @field_validator("lm_eval")
+    @classmethod
+    def _task_names(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"lm_eval names a task twice: {names}")
+        if bad := [n for n in names if not n.strip() or n != n.strip()]:
+            raise ValueError(f"lm_eval task names must be non-empty without surrounding spaces (got {bad})")
+        return names
 
     @model_validator(mode="after")
     def _positive_k(self) -> EvaluateConfig:

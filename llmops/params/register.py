@@ -13,6 +13,9 @@ class GateConfig(Section):
     min_pass_at_1_delta: float = Field(0.0, ge=-1, le=1)  # challenger pass@1 >= champion pass@1 + this
     max_perplexity_increase: float = Field(0.05, ge=0)  # challenger perplexity <= champion perplexity * (1 + this)
     reevaluate_champion: bool = True  # champion scored on other eval data: re-score it on the current data before comparing
+    # lm-eval metric "<task>.<metric>" (metrics/eval.json lm_eval) -> the least improvement over the champion it needs:
+    # higher for scores, lower for perplexity / bits_per_byte / loss; 0 = no worse, negative = may regress that much
+    lm_eval: dict[str, float] = Field(default_factory=dict)
 
 
 class RegisterConfig(Section):

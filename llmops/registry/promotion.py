@@ -22,7 +22,7 @@ from llmops.params.evaluate import EvaluateConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.register import RegisterConfig
 from llmops.registry import store as registry
-from llmops.registry.gate import GATE_METRICS, Decision, decide
+from llmops.registry.gate import GATE_METRICS, LM_EVAL_PREFIX, Decision, decide
 from llmops.registry.store import Store
 
 log = logging.getLogger("llmops.register")
@@ -110,13 +110,20 @@ def register_model_dir(
     return registry.log_version(name, model_dir, store, tags=tags, artifact=artifact, flavor=flavor, metrics=metrics), False
 
 
+def tagged_gate_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The gate metrics register tagged a version with: perplexity, pass@1 and every lm_eval.<task>.<metric>."""
+    prefix = "llmops.metric."
+    names = {key[len(prefix) :]: value for key, value in tags.items() if key.startswith(prefix)}
+    return {name: float(value) for name, value in names.items() if name in GATE_METRICS or name.startswith(LM_EVAL_PREFIX)}
+
+
 def champion_metrics(
     champion: Any, fingerprint: str, challenger_dir: Path, cfg: RegisterConfig, evaluate: EvaluateConfig, paths: PathsConfig, store: Store
 ) -> tuple[dict[str, float] | None, str]:
     """The champion's gate metrics on the eval data `fingerprint` names, and where they came from."""
     tags = champion.tags or {}
     if tags.get("llmops.eval_data") == fingerprint:
-        return {m: float(tags[f"llmops.metric.{m}"]) for m in GATE_METRICS if f"llmops.metric.{m}" in tags}, "version tags (same eval data)"
+        return tagged_gate_metrics(tags), "version tags (same eval data)"
     cached = tags.get(f"llmops.eval.{fingerprint}")
     if cached:
         return json.loads(cached), "an earlier re-score on this eval data (version tag)"

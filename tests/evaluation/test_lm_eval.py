@@ -1,0 +1,121 @@
+"""lm-evaluation-harness in the evaluate stage: the offline tasks on a micro model over the micro project's own
+held-out split, their metrics as `lm_eval.<task>.<metric>`, and unknown task names refused before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmops.common.errors import ConfigError
+from llmops.common.results import StageResult
+from llmops.evaluation import lm_eval
+from llmops.evaluation.lm_eval_tasks.offline import heldout_documents
+from llmops.params.evaluate import OFFLINE_LM_EVAL_TASKS, EvaluateConfig
+from llmops.params.load import load_params
+
+from ..serving.conftest import build_micro_model
+from ..training.conftest import micro_params, tokenized, write_params  # noqa: F401 (tokenized: a session fixture)
+
+pytestmark = pytest.mark.eval
+
+LIMIT = 3
+CFG = EvaluateConfig(lm_eval_limit=LIMIT, max_new_tokens=16, eval_tokens=3000, batch_size=4, timeout_s=3.0, workers=2)
+
+
+def build_long_context_model(out: Path) -> Path:
+    """The serving tests' random micro Llama and 300-token BPE, declaring a context of 1024 tokens so HumanEval prompts
+    fit untruncated (RoPE: the weights do not depend on the declared context)."""
+    build_micro_model(out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 1024}, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tokenized, tmp_path_factory) -> Path:  # noqa: F811
+    """The tokenized micro project with a micro model in models/finetune (the candidate evaluate scores). The
+held-out task decodes val.bin with the project tokenizer; the model reads that text with its own."""
+    root = tmp_path_factory.mktemp("lm_eval") / "proj"
+    shutil.copytree(tokenized, root)
+    build_long_context_model(root / "models" / "finetune")
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(project) -> dict:
+    paths = load_params(project / "params.yaml").paths
+    return lm_eval.score_candidate(paths.finetune_model, CFG, paths.tokens, paths.tokenizer)
+
+
+def test_held_out_documents_are_the_val_split_decoded(project):
+    """Encoding the decoded documents again, with an EOS after each, gives back the val split's token ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(project / "models" / "tokenizer"))
+    meta = json.loads((project / "data" / "tokens" / "meta.json").read_text())
+    val = np.fromfile(project / "data" / "tokens" / "val.bin", dtype=meta["dtype"])
+    documents = heldout_documents(project / "data" / "tokens", project / "models" / "tokenizer")
+    assert len(documents) == meta["val_docs"] >= 2
+    ids = [i for text in documents for i in [*tokenizer.encode(text, add_special_tokens=False), meta["eos_token_id"]]]
+    assert ids == val.tolist()
+    assert len(heldout_documents(project / "data" / "tokens", project / "models" / "tokenizer", max_tokens=50)) == 1
+
+
+def test_offline_tasks_score_the_candidate_with_sane_metrics(results):
+    metrics = lm_eval.task_metrics(results)
+    assert set(metrics) == set(OFFLINE_LM_EVAL_TASKS)
+    assert metrics["llmops_humaneval"] == {"pass_at_1": 0.0}  # a random model writes no passing body
+    ppl = metrics["llmops_heldout_ppl"]
+    assert set(ppl) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    # a random model is near uniform over its 300 tokens: each byte costs less than a token, each word more
+    assert 1 < ppl["byte_perplexity"] < 300 < ppl["word_perplexity"]
+    assert ppl["bits_per_byte"] == pytest.approx(math.log2(ppl["byte_perplexity"]))
+    assert results["n-samples"]["llmops_humaneval"]["effective"] == LIMIT
+    assert 1 <= results["n-samples"]["llmops_heldout_ppl"]["effective"] <= LIMIT
+    # greedy completions of the first problems, generation capped at evaluate.max_new_tokens
+    samples = results["samples"]["llmops_humaneval"]
+    assert [s["doc"]["task_id"] for s in samples] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert results["configs"]["llmops_humaneval"]["generation_kwargs"]["max_gen_toks"] == 16
+
+
+def test_metrics_become_dotted_mlflow_names_and_the_results_file_is_json(results, tmp_path):
+    result = StageResult(metrics={"lm_eval": lm_eval.task_metrics(results)}, summary="")
+    assert set(result.numeric_metrics()) == {
+        "lm_eval.llmops_humaneval.pass_at_1",
+        "lm_eval.llmops_heldout_ppl.word_perplexity",
+        "lm_eval.llmops_heldout_ppl.byte_perplexity",
+        "lm_eval.llmops_heldout_ppl.bits_per_byte",
+    }
+    written = json.loads(lm_eval.write_results(results, tmp_path / "lm_eval.json").read_text())
+    assert written["results"]["llmops_humaneval"]["pass_at_1,none"] == 0.0
+
+
+def test_task_metrics_keeps_numbers_and_names_non_default_filters():
+    results = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A", "acc,none": 0.5}}}
+    assert lm_eval.task_metrics(results) == {"gsm8k": {"exact_match_strict-match": 0.25, "acc": 0.5}}
+
+
+def test_unknown_task_fails_before_any_work_and_lists_the_available_ones(project):
+    from tasks import evaluate
+
+    params = load_params(write_params(project, micro_params(evaluate={"lm_eval": ["llmops_humaneval", "no_such_task"]})))
+    shutil.rmtree(project / "models" / "finetune")  # any work would fail on the missing model first
+    try:
+        with pytest.raises(ConfigError) as error:
+            evaluate.run(params.evaluate, params.model, params.paths)
+    finally:
+        build_long_context_model(project / "models" / "finetune")
+    message = str(error.value)
+    assert "'no_such_task'" in message and "llmops_humaneval, llmops_heldout_ppl" in message
+    known = int(message.split("lm-eval knows ")[1].split()[0])
+    assert known > 1000  # lm-eval's own task index was consulted
+
+
+def test_config_refuses_a_task_named_twice():
+    with pytest.raises(ValueError, match="twice"):
+        EvaluateConfig(lm_eval=["llmops_humaneval", "llmops_humaneval"])
