@@ -58,10 +58,10 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 BENCH_JSON = "bench_serve.json"
 STATUSES = ("planned", "ok", "failed", "timeout", "skipped")
-QUANT_SCHEMES = ("fp8_dynamic", "w8a8", "w4a16")
+QUANT_SCHEMES = ("fp8_dynamic", "w8a8", "w4a16", "awq")
 # Most wanted first, since the budget may end the run early: the goals (MFU, vLLM over naive, fp8 and w4a16 against
-# bf16) before w8a8 and the LoRA adapter.
-SERVE_TARGETS = ("bf16", "fp8_dynamic", "w4a16", "w8a8", "lora")
+# bf16) before w8a8, the LoRA adapter and AWQ (its vLLM load is the check CPU hosts cannot make).
+SERVE_TARGETS = ("bf16", "fp8_dynamic", "w4a16", "w8a8", "lora", "awq")
 STEP_NAMES = ("vllm", "data", "pretrain", "finetune", "bench", "quantize", *(f"serve-{t}" for t in SERVE_TARGETS))
 STEP_GROUPS = {"serve": tuple(f"serve-{t}" for t in SERVE_TARGETS)}
 # Each step's wall-clock limit; the whole run is held to --budget-s as well (a step gets at most what is left).

@@ -1,4 +1,4 @@
-"""quantize: llm-compressor schemes (W8A8 SmoothQuant+GPTQ, W4A16 GPTQ, FP8 dynamic on a GPU) applied to the fine-tuned
+"""quantize: llm-compressor schemes (W8A8 SmoothQuant+GPTQ, W4A16 GPTQ, W4A16 AWQ, FP8 dynamic on a GPU) applied to the fine-tuned
 model with calibration blocks from the train split; each variant scored with evaluate's code against the unquantized
 model in the same run.
 
@@ -43,9 +43,11 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
     for scheme, reason in skipped.items():
         log.warning("quantize: skipping %s: %s", scheme, reason)
     schemes = [s for s in cfg.schemes if s not in skipped]
-    group_size = 0
-    if "w4a16" in schemes:  # checked before any work
+    group_size, mappings = 0, None  # both checked before any work
+    if {"w4a16", "awq"} & set(schemes):
         group_size = recipes.w4a16_group_size(recipes.quantized_in_features(model_dir), cfg.w4a16_group_size)
+    if "awq" in schemes:
+        mappings = recipes.awq_mappings(model_dir)
     calibration = calibration_dataset(tokens, cfg)
     prompt = latency_prompt(tokens, cfg)
 
@@ -54,7 +56,7 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
         seconds = {}
         for scheme in schemes:
             log.info("quantize: %s (%d calibration blocks of %d tokens)", scheme, len(calibration), cfg.calibration_seq_len)
-            seconds[scheme] = quantize(model_dir, recipes.modifiers(scheme, cfg, group_size), calibration, cfg, tmp / scheme)
+            seconds[scheme] = quantize(model_dir, recipes.modifiers(scheme, cfg, group_size, mappings), calibration, cfg, tmp / scheme)
         base = score(BASELINE, model_dir, cfg, evaluate, tokens, prompt)
         rows = [base] + [{**compare(score(s, tmp / s, cfg, evaluate, tokens, prompt), base, cfg), "quantize_seconds": seconds[s]} for s in schemes]
         notes = [
@@ -62,7 +64,7 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
             f"({evaluate.eval_tokens or 'all'} tokens of {paths.relative(tokens / 'val.bin')}, blocks of {evaluate.seq_len})"
             + (f", HumanEval pass@1 on {evaluate.max_problems} problems" if "pass_at_1" in base else "") + ".",
             f"Calibration: {len(calibration)} blocks of {cfg.calibration_seq_len} tokens from the train split (seed {cfg.seed})"
-            + (f"; W4A16 group size {group_size}" if group_size else "") + ".",
+            + (f"; int4 group size {group_size}" if group_size else "") + ".",
             "size MB: the whole directory on disk (weights, config, tokenizer). load MB: peak RSS growth of a fresh process "
             "loading the model and running one forward pass; ms/token: greedy generation, batch 1, "
             f"{cfg.latency_prompt_tokens}-token prompt, {cfg.latency_new_tokens} new tokens, median of {cfg.latency_repeats} runs "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,28 @@ def latency_prompt(tokens: Path, cfg: QuantizeConfig) -> list[int]:
     return np.memmap(tokens / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")[: cfg.latency_prompt_tokens].tolist()
 
 
+@contextmanager
+def unpinned_cache_without_accelerator() -> Iterator[None]:
+    """Leave llm-compressor's cached calibration inputs unpinned on a host without an accelerator.
+
+    AWQModifier pins its cached layer inputs before each grid search (llm-compressor 0.14, vllm-project/llm-compressor
+    PR 2813) and torch refuses to pin memory when no accelerator exists; pinning only speeds copies to a device, so
+    on such a host the cache stays as it is.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    pin = IntermediatesCache.__dict__["_pin_intermediate"]
+    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+    try:
+        yield
+    finally:
+        IntermediatesCache._pin_intermediate = pin
+
+
 def quantize(model_dir: Path, modifiers: list[Any], calibration: Any, cfg: QuantizeConfig, dest: Path) -> float:
     """One oneshot run on a fresh copy of the model, saved compressed with its tokenizer; returns seconds taken."""
     from llmcompressor import oneshot
@@ -54,10 +78,11 @@ def quantize(model_dir: Path, modifiers: list[Any], calibration: Any, cfg: Quant
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    oneshot(
-        model=model, processor=tokenizer, recipe=modifiers, dataset=calibration, num_calibration_samples=len(calibration),
-        max_seq_length=cfg.calibration_seq_len, shuffle_calibration_samples=False,
-    )
+    with unpinned_cache_without_accelerator():
+        oneshot(
+            model=model, processor=tokenizer, recipe=modifiers, dataset=calibration, num_calibration_samples=len(calibration),
+            max_seq_length=cfg.calibration_seq_len, batch_size=cfg.calibration_batch_size, shuffle_calibration_samples=False,
+        )
     model.save_pretrained(str(dest), save_compressed=True)
     tokenizer.save_pretrained(str(dest))
     return time.perf_counter() - started

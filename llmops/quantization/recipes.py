@@ -10,6 +10,7 @@ from llmops.common.errors import ConfigError
 
 IGNORE = ["lm_head"]  # the output head stays dense (it is tied to the embeddings in the default model)
 GROUP_SIZES = (128, 64, 32)  # int4 group sizes vLLM's Marlin/Machete kernels run; the largest that fits is picked
+AWQ_EXAMPLES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")  # named in awq's ConfigError
 
 
 def unavailable(scheme: str) -> str | None:
@@ -21,14 +22,21 @@ def unavailable(scheme: str) -> str | None:
     return None
 
 
-def quantized_in_features(model_dir: Path) -> dict[str, int]:
-    """In-features of every Linear layer a recipe quantizes (all but IGNORE), from the config alone (meta device)."""
+def meta_model(model_dir: Path) -> Any:
+    """The model's modules built from its config alone (meta device: no weights read, no memory taken)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantized_in_features(model_dir: Path) -> dict[str, int]:
+    """In-features of every Linear layer a recipe quantizes (all but IGNORE), from the config alone (meta device)."""
+    import torch
+
+    model = meta_model(model_dir)
     return {
         name: module.in_features
         for name, module in model.named_modules()
@@ -37,7 +45,8 @@ def quantized_in_features(model_dir: Path) -> dict[str, int]:
 
 
 def w4a16_group_size(in_features: dict[str, int], requested: int) -> int:
-    """The W4A16 group size: every quantized layer's in-features must be a multiple of it (one scale per group).
+    """The int4 group size of w4a16 and awq: every quantized layer's in-features must be a multiple of it (one scale per
+    group).
 
     The default tiny model has hidden size 192, so llm-compressor's preset 128 does not divide q/k/v/gate/up;
     0 (auto) picks 64 there.
@@ -59,19 +68,52 @@ def w4a16_group_size(in_features: dict[str, int], requested: int) -> int:
             return size
     raise ConfigError(
         f"params.yaml: 'quantize.w4a16_group_size' is 0 (auto) but none of {list(GROUP_SIZES)} divides every quantized "
-        f"layer's in-features {sizes}; set a group size that does, or drop w4a16 from quantize.schemes."
+        f"layer's in-features {sizes}; set a group size that does, or drop w4a16 and awq from quantize.schemes."
     )
 
 
-def modifiers(scheme: str, cfg: QuantizeConfig, group_size: int) -> list[Any]:
-    """The llm-compressor modifiers of one scheme.
+def awq_mappings(model_dir: Path) -> list[Any]:
+    """llm-compressor's AWQ mappings for the model's architecture: which norm or linear layer each group of linear
+    layers reads its input from, so that per-channel scales can move between them.
+
+    An architecture llm-compressor has no mappings for is refused rather than given its generic Llama-style guess, and
+    so is one whose module names the mappings do not find.
+    """
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.modifiers.transform.awq import AWQ_DYNAMIC_MAPPING_REGISTRY, AWQ_MAPPING_REGISTRY, get_layer_mappings_from_model
+
+    model = meta_model(model_dir)
+    architecture = type(model).__name__
+    if architecture not in AWQ_MAPPING_REGISTRY and architecture not in AWQ_DYNAMIC_MAPPING_REGISTRY:
+        known = [a for a in AWQ_EXAMPLES if a in AWQ_MAPPING_REGISTRY]
+        raise ConfigError(
+            f"params.yaml: 'quantize.schemes' has awq, but llm-compressor has no AWQ mappings for {architecture} (it has "
+            f"them for {len(AWQ_MAPPING_REGISTRY)} architectures, e.g. {', '.join(known)}); drop awq from quantize.schemes "
+            "or quantize a model of such an architecture (the llama presets are LlamaForCausalLM)."
+        )
+    mappings = get_layer_mappings_from_model(model)
+    unmatched = [m.smooth_layer for m in mappings if not any(True for _ in match_named_modules(model, [m.smooth_layer]))]
+    if unmatched:
+        raise ConfigError(
+            f"params.yaml: 'quantize.schemes' has awq, but llm-compressor's AWQ mappings for {architecture} match no "
+            f"module for {unmatched}; drop awq from quantize.schemes."
+        )
+    return mappings
+
+
+def modifiers(scheme: str, cfg: QuantizeConfig, group_size: int, mappings: list[Any] | None = None) -> list[Any]:
+    """The llm-compressor modifiers of one scheme (`mappings`: awq's, from `awq_mappings`).
 
     w8a8: SmoothQuant moves activation outliers into the weights, then GPTQ int8 weights (per channel) with int8
     activations quantized per token at run time. w4a16: GPTQ int4 weights in groups, 16-bit activations.
-    fp8_dynamic: FP8 weights per channel and FP8 activations per token; no calibration data needed.
+    awq: AWQ searches per-channel scales from the calibration activations that protect the salient input channels,
+    folds them into the preceding norm or linear layer, then rounds to int4 in groups with a zero point per group
+    (asymmetric, as AWQ defines it), 16-bit activations. fp8_dynamic: FP8 weights per channel and FP8 activations per
+    token; no calibration data needed.
     """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
     if scheme == "w8a8":
@@ -82,6 +124,14 @@ def modifiers(scheme: str, cfg: QuantizeConfig, group_size: int) -> list[Any]:
     if scheme == "w4a16":
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
         return [GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=IGNORE)]
+    if scheme == "awq":
+        if not mappings:  # AWQModifier would otherwise guess Llama-style mappings by itself
+            raise ValueError("the awq scheme needs the model's mappings from awq_mappings()")
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=group_size)
+        return [
+            AWQModifier(mappings=mappings),
+            QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=IGNORE),
+        ]
     if scheme == "fp8_dynamic":
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
-    raise ConfigError(f"params.yaml: 'quantize.schemes': unknown scheme {scheme!r}; allowed: w8a8, w4a16, fp8_dynamic")
+    raise ConfigError(f"params.yaml: 'quantize.schemes': unknown scheme {scheme!r}; allowed: w8a8, w4a16, awq, fp8_dynamic")

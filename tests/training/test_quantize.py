@@ -152,7 +152,7 @@ def test_stage_writes_the_quantization_table_to_metrics_markdown_and_mlflow(quan
 
 def test_unknown_scheme_is_a_config_error_naming_the_key_and_the_allowed_values(tmp_path):
     (tmp_path / "params.yaml").write_text("quantize:\n  schemes: [w8a8, int3]\n")
-    with pytest.raises(ConfigError, match=r"quantize\.schemes.*'w8a8', 'w4a16' or 'fp8_dynamic'.*int3"):
+    with pytest.raises(ConfigError, match=r"quantize\.schemes.*'w8a8', 'w4a16', 'fp8_dynamic' or 'awq'.*int3"):
         load_params(tmp_path / "params.yaml")
 
 

@@ -60,7 +60,7 @@ EXPECTED_ORDER = [
     "make vllm",
     "stage ingest", "stage validate", "stage dedup", "stage tokenize",
     "stage pretrain", "stage finetune", "bench_serve.py", "stage quantize",
-    "serve finetune", "serve fp8_dynamic", "serve w4a16", "serve w8a8", "serve adapter",
+    "serve finetune", "serve fp8_dynamic", "serve w4a16", "serve w8a8", "serve adapter", "serve awq",
 ]  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def test_work_params_hold_the_125m_bf16_gpu_run_and_load_cleanly(tmp_path):
     params = load_params(work / "params.yaml")
     assert params.pretrain.preset == "125m" and params.pretrain.token_budget == 200 * 32 * 1024
     assert (params.train.precision, params.train.device) == ("bf16", "cuda")
-    assert list(params.quantize.schemes) == ["fp8_dynamic", "w8a8", "w4a16"]
+    assert list(params.quantize.schemes) == ["fp8_dynamic", "w8a8", "w4a16", "awq"]
     assert params.finetune.max_steps == 40
     assert params.paths.finetune_model == work / "models" / "finetune"  # stages write in the work directory, not the repository
 
