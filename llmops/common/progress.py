@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from llmops.common import env
 
@@ -26,3 +27,34 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _from_llmops() -> bool:
+    """Whether the tqdm being made was asked for by llmops code (our bars) rather than by a library."""
+    frame = sys._getframe(2)  # the caller of `silent`
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tqdm"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith(("llmops.", "tasks."))
+
+
+@contextmanager
+def library_bars_off() -> Iterator[None]:
+    """For the length of the block, every tqdm bar a library makes is off (ours stay) unless LLMOPS_LIBRARY_PROGRESS=1.
+
+    For libraries with no switch of their own (llm-compressor, compressed-tensors, lm-eval): they pass disable= to
+    tqdm themselves, so it is forced rather than defaulted."""
+    from tqdm import tqdm
+
+    if env.library_progress_enabled():
+        yield
+        return
+    init = tqdm.__init__
+
+    def silent(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **(kwargs if _from_llmops() else {**kwargs, "disable": True}))
+
+    tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        tqdm.__init__ = init

@@ -14,14 +14,18 @@ already in the datasets cache, or allow the network for that run:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmops.common import env
 from llmops.common.errors import ConfigError
+from llmops.common.progress import library_bars_off
 from llmops.evaluation.lm_eval_tasks.offline import sandbox_settings
 from llmops.params.evaluate import OFFLINE_LM_EVAL_TASKS, EvaluateConfig
 
@@ -29,6 +33,36 @@ TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")  # the offline task config
 RESULTS_FILE = "lm_eval.json"  # reports/evaluate/lm_eval.json: lm-eval's results, config and samples
 HUMANEVAL_TASK = "llmops_humaneval"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"  # where lm-eval's OpenAI-compatible clients read the key (Authorization: Bearer)
+# lm-eval's notices on every run of our task configs: defaults it fills in, and the generation cap we pass on purpose
+LM_EVAL_NOISE = (
+    "Custom kwargs can be passed", "is defined, but aggregation is not", "is defined, but higher_is_better is not",
+    "specified through cli, these settings will update",
+)
+
+
+@contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's bars off and its log at WARNING on stderr, less LM_EVAL_NOISE, for the length of the block (all of it
+    back with LLMOPS_LIBRARY_PROGRESS=1). Its loggers are children of `lm_eval`, which propagates to the root's
+    handlers; a handler of its own with a filter sees the children's records, which a filter on the logger would not."""
+    if env.library_progress_enabled():
+        yield
+        return
+    log = logging.getLogger("lm_eval")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lm-eval %(levelname)s: %(message)s"))
+    handler.addFilter(lambda record: not any(noise in record.getMessage() for noise in LM_EVAL_NOISE))
+    saved = log.level, log.propagate
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        with library_bars_off():
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def task_manager(names: list[str], metadata: dict[str, Any] | None = None) -> Any:
@@ -63,7 +97,7 @@ def evaluate(model: str, model_args: dict[str, Any], names: list[str], cfg: Eval
     manager = task_manager(names, metadata)
     if HUMANEVAL_TASK in names:
         sandbox_mode(cfg)  # fail before minutes of generation, not after
-    with sandbox_settings(cfg):
+    with sandbox_settings(cfg), quiet_lm_eval():
         results = lm_eval.simple_evaluate(
             model=model, model_args=model_args, tasks=list(names), task_manager=manager, limit=cfg.lm_eval_limit,
             batch_size=batch_size, device=device, gen_kwargs={"max_gen_toks": cfg.max_new_tokens}, bootstrap_iters=0,

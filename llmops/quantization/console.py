@@ -11,22 +11,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from llmops.common import env
+from llmops.common.progress import library_bars_off
 
 CONSOLE_FORMAT = "llm-compressor {level}: {message}"
 
 
 EXPECTED = ("No accelerator available",)  # CPU calibration is this stage's default, not news
-
-
-def _from_llmops() -> bool:
-    """Whether the tqdm being made was asked for by llmops code (our bars) rather than by a library."""
-    frame = sys._getframe(2)  # the caller of `silent`
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("tqdm"):
-        frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__", "").startswith(("llmops.", "tasks."))
 
 
 def _console_worthy(record: dict) -> bool:
@@ -35,8 +26,6 @@ def _console_worthy(record: dict) -> bool:
 
 @contextmanager
 def quiet_compressor(log_file: Path) -> Iterator[None]:
-    from tqdm import tqdm
-
     level = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL")
     os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"  # its import already warns "No accelerator available" on CPU
     try:
@@ -57,20 +46,12 @@ def quiet_compressor(log_file: Path) -> Iterator[None]:
     fx_log = logging.getLogger("torch.fx._symbolic_trace")  # warns once that llm-compressor's tracing counts as export
     fx_level = fx_log.level
     fx_log.setLevel(logging.ERROR)
-    init = tqdm.__init__
-    if not env.library_progress_enabled():
-        # the libraries pass disable= themselves (their own show_progress), so it is forced rather than defaulted
-        def silent(self: Any, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **(kwargs if _from_llmops() else {**kwargs, "disable": True}))
-
-        tqdm.__init__ = silent
     try:
-        with warnings.catch_warnings():
+        with library_bars_off(), warnings.catch_warnings():
             # save_pretrained warns about "offloaded modules" llm-compressor's own dispatch registers on CPU
             warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
             yield
     finally:
-        tqdm.__init__ = init
         fx_log.setLevel(fx_level)
         for sink in sinks:
             logger.remove(sink)

@@ -119,3 +119,27 @@ def test_unknown_task_fails_before_any_work_and_lists_the_available_ones(project
 def test_config_refuses_a_task_named_twice():
     with pytest.raises(ValueError, match="twice"):
         EvaluateConfig(lm_eval=["llmops_humaneval", "llmops_humaneval"])
+
+
+def test_lm_eval_console_keeps_real_warnings_and_drops_its_bars_and_notices(capfd, monkeypatch):
+    """Inside quiet_lm_eval a library's bar is off and lm-eval's fixed notices are dropped, while a warning that says
+    something about this run (truncated prompts) reaches stderr; lm-eval's logger is put back as it was."""
+    import logging
+
+    from tqdm import tqdm
+
+    from llmops.common import env
+
+    monkeypatch.delenv(env.LIBRARY_PROGRESS, raising=False)
+    log = logging.getLogger("lm_eval")
+    before = log.level, log.propagate, list(log.handlers)
+    with lm_eval.quiet_lm_eval():
+        task_log = logging.getLogger("lm_eval.api.task")
+        task_log.warning("[Task: llmops_heldout_ppl] metric bits_per_byte is defined, but aggregation is not. using default")
+        task_log.warning("Left truncation applied. Original sequence length was 188, truncating to last 128 tokens.")
+        task_log.info("Building contexts for llmops_humaneval on rank 0...")
+        list(tqdm(range(3), desc="LIBRARY-BAR"))  # made outside llmops: a library's bar
+    err = capfd.readouterr().err
+    assert "Left truncation applied" in err
+    assert "aggregation is not" not in err and "Building contexts" not in err and "LIBRARY-BAR" not in err, err
+    assert (log.level, log.propagate, list(log.handlers)) == before
