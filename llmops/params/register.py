@@ -12,6 +12,11 @@ class GateConfig(Section):
 
     min_pass_at_1_delta: float = Field(0.0, ge=-1, le=1)  # challenger pass@1 >= champion pass@1 + this
     max_perplexity_increase: float = Field(0.05, ge=0)  # challenger perplexity <= champion perplexity * (1 + this)
+    # challenger HumanEval solution NLL (bits/token) <= champion's * (1 + this); 20 problems' solutions are ~2k tokens
+    # of out-of-domain code, a noisier estimate than held-out perplexity, so the bound is relative like perplexity's
+    max_humaneval_nll_increase: float = Field(0.05, ge=0)
+    # challenger held-out doctest pass rate >= champion's + this (0 = no worse; a handful of prompts moves it in steps)
+    min_doctest_pass_rate_delta: float = Field(0.0, ge=-1, le=1)
     reevaluate_champion: bool = True  # champion scored on other eval data: re-score it on the current data before comparing
     # lm-eval metric "<task>.<metric>" (metrics/eval.json lm_eval) -> the least improvement over the champion it needs:
     # higher for scores, lower for perplexity / bits_per_byte / loss; 0 = no worse, negative = may regress that much

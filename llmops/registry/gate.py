@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmops.params.register import GateConfig
 
-GATE_METRICS = ("perplexity", "pass_at_1")
+# pass@1 decides for models that can pass; the HumanEval solution NLL (bits per token) and the held-out doctest pass
+# rate move for models too small to pass anything
+GATE_METRICS = ("perplexity", "pass_at_1", "humaneval_nll", "doctest_pass_rate")
 LM_EVAL_PREFIX = "lm_eval."  # gate metric names of lm-eval results: lm_eval.<task>.<metric>
 # lm-eval metrics where lower is better (matched on the metric name's end); every other one is a score
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
@@ -29,25 +32,29 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate
     """
     if champion is None:
         return Decision(True, ["no champion yet: the first version becomes champion"])
-    reasons, checks = [], {}
-    if "pass_at_1" in challenger and "pass_at_1" in champion:
-        floor = champion["pass_at_1"] + gate.min_pass_at_1_delta
-        checks["pass_at_1"] = challenger["pass_at_1"] >= floor - 1e-12
+    reasons: list[str] = []
+    checks: dict[str, bool] = {}
+
+    def compare(key: str, label: str, bound: Callable[[float], float], higher_is_better: bool, knob: str, missing: str) -> None:
+        """One check of `key` against the bound the champion's value gives, or the reason it was not compared."""
+        if key not in challenger or key not in champion:
+            reasons.append(f"{label} not compared: {missing}")
+            return
+        limit = bound(champion[key])
+        checks[key] = challenger[key] >= limit - 1e-12 if higher_is_better else challenger[key] <= limit
         reasons.append(
-            f"pass@1 {challenger['pass_at_1']:.4f} vs champion {champion['pass_at_1']:.4f}: needs >= {floor:.4f} "
-            f"(min_pass_at_1_delta {gate.min_pass_at_1_delta:+g}) -> {'ok' if checks['pass_at_1'] else 'FAIL'}"
+            f"{label} {challenger[key]:.4f} vs champion {champion[key]:.4f}: needs {'>=' if higher_is_better else '<='} {limit:.4f} "
+            f"({knob}) -> {'ok' if checks[key] else 'FAIL'}"
         )
-    else:
-        reasons.append("pass@1 not compared: not measured for both (evaluate.max_problems 0, or a re-score without HumanEval)")
-    if "perplexity" in challenger and "perplexity" in champion:
-        ceiling = champion["perplexity"] * (1 + gate.max_perplexity_increase)
-        checks["perplexity"] = challenger["perplexity"] <= ceiling
-        reasons.append(
-            f"perplexity {challenger['perplexity']:.4f} vs champion {champion['perplexity']:.4f}: needs <= {ceiling:.4f} "
-            f"(max_perplexity_increase {gate.max_perplexity_increase:g}) -> {'ok' if checks['perplexity'] else 'FAIL'}"
-        )
-    else:
-        reasons.append("perplexity not compared: not measured for both on the same tokenization")
+
+    compare(
+        "pass_at_1", "pass@1", lambda value: value + gate.min_pass_at_1_delta, True, f"min_pass_at_1_delta {gate.min_pass_at_1_delta:+g}",
+        "not measured for both (evaluate.max_problems 0, or a re-score without HumanEval)",
+    )
+    compare(
+        "perplexity", "perplexity", lambda value: value * (1 + gate.max_perplexity_increase), False,
+        f"max_perplexity_increase {gate.max_perplexity_increase:g}", "not measured for both on the same tokenization",
+    )
     for key, min_delta in gate.lm_eval.items():
         name = LM_EVAL_PREFIX + key
         if name not in challenger or name not in champion:
@@ -61,16 +68,32 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate
             f"{name} {challenger[name]:.4f} vs champion {champion[name]:.4f}: needs {'<=' if lower else '>='} {bound:.4f} "
             f"(register.gate.lm_eval {min_delta:+g}) -> {'ok' if checks[name] else 'FAIL'}"
         )
+    compare(
+        "humaneval_nll", "HumanEval solution NLL (bits/token)", lambda value: value * (1 + gate.max_humaneval_nll_increase), False,
+        f"max_humaneval_nll_increase {gate.max_humaneval_nll_increase:g}",
+        "not measured for both (evaluate.max_problems 0, or a re-score across tokenizers)",
+    )
+    compare(
+        "doctest_pass_rate", "held-out doctest pass rate", lambda value: value + gate.min_doctest_pass_rate_delta, True,
+        f"min_doctest_pass_rate_delta {gate.min_doctest_pass_rate_delta:+g}",
+        "not measured for both (evaluate.doctest_prompts 0, no held-out doctest prompt, or a champion re-scored on other data)",
+    )
     if not checks:
         return Decision(False, [*reasons, "no gate metric could be compared: the champion stays"], checks)
     return Decision(all(checks.values()), reasons, checks)
 
 
 def gate_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
-    """The gate's numbers from metrics/eval.json: perplexity, pass@1, and every lm-eval metric as lm_eval.<task>.<metric>."""
+    """The gate's numbers from metrics/eval.json: perplexity, pass@1, the HumanEval solution NLL (bits per token), the
+    held-out doctest pass rate (when there were prompts to score), and every lm-eval metric as lm_eval.<task>.<metric>."""
     out = {"perplexity": float(eval_metrics["perplexity"]["perplexity"])}
-    if "pass_at_1" in (eval_metrics.get("humaneval") or {}):
-        out["pass_at_1"] = float(eval_metrics["humaneval"]["pass_at_1"])
+    humaneval = eval_metrics.get("humaneval") or {}
+    if "pass_at_1" in humaneval:
+        out["pass_at_1"] = float(humaneval["pass_at_1"])
+    if "nll_bits_per_token" in humaneval:
+        out["humaneval_nll"] = float(humaneval["nll_bits_per_token"])
+    if (eval_metrics.get("doctest") or {}).get("pass_rate") is not None:
+        out["doctest_pass_rate"] = float(eval_metrics["doctest"]["pass_rate"])
     for task, values in (eval_metrics.get("lm_eval") or {}).items():
         out |= {f"{LM_EVAL_PREFIX}{task}.{metric}": float(value) for metric, value in values.items()}
     return out

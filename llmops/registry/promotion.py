@@ -111,7 +111,8 @@ def register_model_dir(
 
 
 def tagged_gate_metrics(tags: dict[str, str]) -> dict[str, float]:
-    """The gate metrics register tagged a version with: perplexity, pass@1 and every lm_eval.<task>.<metric>."""
+    """The gate metrics register tagged a version with: perplexity, pass@1, humaneval_nll, doctest_pass_rate and every
+    lm_eval.<task>.<metric>."""
     prefix = "llmops.metric."
     names = {key[len(prefix) :]: value for key, value in tags.items() if key.startswith(prefix)}
     return {name: float(value) for name, value in names.items() if name in GATE_METRICS or name.startswith(LM_EVAL_PREFIX)}
@@ -135,19 +136,24 @@ def champion_metrics(
 
 
 def reevaluate(champion: Any, challenger_dir: Path, evaluate: EvaluateConfig, paths: PathsConfig, store: Store) -> dict[str, float]:
-    """The champion's gate metrics on the current eval data, with the evaluate stage's own functions."""
+    """The champion's gate metrics on the current eval data, with the evaluate stage's own functions: perplexity and
+    the HumanEval solution NLL (per token) when both share a tokenizer, pass@1. Not the doctest pass rate: its prompts
+    come from the corpus, which register does not read, so that check runs only between versions on the same data."""
     from llmops.evaluation.generation import load_model
     from llmops.evaluation.suite import held_out_perplexity, humaneval
 
     ref = registry.resolve(f"{champion.name}@{champion.version}", store)
     metrics: dict[str, float] = {}
-    if tokenizer_md5(ref.path) == tokenizer_md5(challenger_dir):
+    same_tokenizer = tokenizer_md5(ref.path) == tokenizer_md5(challenger_dir)
+    if same_tokenizer:
         metrics["perplexity"] = held_out_perplexity(ref.path, paths.tokens, evaluate, f"register: perplexity (champion v{champion.version})")["perplexity"]
     if evaluate.max_problems:
         model, tokenizer = load_model(ref.path)
         scores, _ = humaneval(model, tokenizer, evaluate)
         if "pass_at_1" in scores:
             metrics["pass_at_1"] = float(scores["pass_at_1"])
+        if same_tokenizer:
+            metrics["humaneval_nll"] = float(scores["nll_bits_per_token"])
     return metrics
 
 

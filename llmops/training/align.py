@@ -1,6 +1,6 @@
 """What the align stage runs with TRL: its trainer configs from params (the Trainer knobs of runtime.training_arguments),
-doctest scoring in the sandbox, DPO pairs by execution feedback, the GRPO reward, per-step MLflow logging of TRL's
-preference metrics, resume, the merged save, and the rule that picks the candidate model (fine-tuned or aligned) that
+DPO pairs by execution feedback and the GRPO reward (doctests scored by llmops.evaluation.doctests), per-step MLflow
+logging of TRL's preference metrics, resume, the merged save, and the rule that picks the candidate model (fine-tuned or aligned) that
 metrics/align.json records (llmops.training.candidate reads it back)."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from llmops.common.io import atomic_dir, atomic_write_json
+from llmops.evaluation.doctests import score_bodies
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.finetune import LoraConfig
 from llmops.params.train import TrainConfig
 from llmops.training import runtime
-from llmops.training.preferences import DoctestPrompt, PreferencePair, example_programs, pass_shares
+from llmops.training.preferences import DoctestPrompt, PreferencePair
 
-EMPTY_BODY = ""  # the function is its docstring alone
 # TRL's per-step logs that go to MLflow beside loss / lr / grad_norm: DPO's implicit rewards and log-probs, GRPO's reward.
 PREFERENCE_LOG_KEYS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -46,39 +46,6 @@ def peft_config(tuning: str, lora: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
-
-
-def example_outcomes(prompts: list[DoctestPrompt], bodies: list[str], evaluate: EvaluateConfig, *, isolated: bool) -> list[list[bool]]:
-    """For each (prompt, body), whether each of the prompt's checked doctest examples passed, one sandboxed program each."""
-    from llmops.evaluation.suite import execute
-
-    programs = [program for prompt, body in zip(prompts, bodies, strict=True) for program in example_programs(prompt, body)]
-    passed = iter([o.passed for o in execute(programs, evaluate, isolated=isolated)])
-    return [[next(passed) for _ in prompt.checked] for prompt in prompts]
-
-
-def score_bodies(prompts: list[DoctestPrompt], bodies: list[str], evaluate: EvaluateConfig, *, isolated: bool, per_example: bool) -> list[float]:
-    """Each (prompt, body) scored in the sandbox: the share of its checked doctest examples that pass (`per_example`,
-    one program per example) or 1.0 / 0.0 for all of them passing in one program."""
-    from llmops.evaluation.suite import execute
-
-    if per_example:
-        outcomes = example_outcomes(prompts, bodies, evaluate, isolated=isolated)
-        return pass_shares(prompts, bodies, [passed for per_prompt in outcomes for passed in per_prompt])
-    outcomes = execute([(p.program(b), p.all_checks()) for p, b in zip(prompts, bodies, strict=True)], evaluate, isolated=isolated)
-    return [float(o.passed) for o in outcomes]
-
-
-def discriminating(prompts: list[DoctestPrompt], evaluate: EvaluateConfig, *, isolated: bool) -> list[DoctestPrompt]:
-    """The prompts with only the doctest examples that an empty body (the docstring alone: the function returns None)
-    fails kept as checks; a prompt with none left is dropped. An example such a body passes (a setup line, a call
-    that prints nothing) would score any body that merely parses."""
-    kept = []
-    for prompt, passed in zip(prompts, example_outcomes(prompts, [EMPTY_BODY] * len(prompts), evaluate, isolated=isolated), strict=True):
-        checked = tuple(index for index, ok in zip(prompt.checked, passed, strict=True) if not ok)
-        if checked:
-            kept.append(dataclasses.replace(prompt, checked=checked))
-    return kept
 
 
 def execution_pairs(

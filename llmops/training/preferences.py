@@ -32,7 +32,7 @@ class DoctestPrompt:
     prompt: str  # signature + docstring, dedented (the prompt finetune trains on)
     reference: str  # the body as written in the corpus, dedented like the prompt
     docstring: str  # cleaned docstring (doctest's parser reads the examples from it)
-    checked: tuple[int, ...]  # indices of the doctest examples that are checks (see llmops.training.align.discriminating)
+    checked: tuple[int, ...]  # indices of the doctest examples that are checks (see llmops.evaluation.doctests.discriminating)
     before: str  # the module up to the end of the docstring, as written
     after: str  # the module after the body, without its top-level `if __name__ == "__main__":` blocks
     indent: str  # the function's indentation in the module (a method's body sits deeper than a function's)

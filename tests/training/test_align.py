@@ -16,7 +16,8 @@ from llmops.common.io import RECORD_SCHEMA, read_records, write_records
 from llmops.common.runner import run_stage
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.load import load_params
-from llmops.training.align import discriminating, doctest_reward, execution_pairs, score_bodies
+from llmops.evaluation.doctests import discriminating, score_bodies
+from llmops.training.align import doctest_reward, execution_pairs
 from llmops.training.instructions import in_eval_split
 from llmops.training.preferences import doctest_prompts, humaneval_prompts, is_humaneval_prompt
 
