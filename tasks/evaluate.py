@@ -139,7 +139,7 @@ def run(cfg: EvaluateConfig, base_model: ModelConfig, finetune: FinetuneConfig, 
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if lm_eval_results is not None:
-            lm_eval.write_results(lm_eval_results, tmp / lm_eval.RESULTS_FILE)
+            lm_eval.write_results(lm_eval_results, tmp / lm_eval.RESULTS_FILE, paths.root)
     tracking.log_table(rows, TABLE_FILE)
 
     he = metrics.get("humaneval")

@@ -166,13 +166,37 @@ def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_results(results: dict[str, Any], path: Path) -> Path:
-    """lm-eval's results (config, per-task numbers, logged samples) as JSON, written atomically."""
+# What lm-eval's results say about the machine and the moment rather than the model: left out of the written file, so
+# the same model on the same data writes the same bytes (`llmops reproduce` compares reports/evaluate by md5).
+VOLATILE_KEYS = frozenset({
+    "date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash", "pretty_env_info",
+})  # fmt: skip
+
+
+def reproducible(value: Any, places: dict[str, str]) -> Any:
+    """`value` without VOLATILE_KEYS at any depth, each path under a key of `places` rewritten to start with its value."""
+    if isinstance(value, dict):
+        return {key: reproducible(item, places) for key, item in value.items() if key not in VOLATILE_KEYS}
+    if isinstance(value, list | tuple):
+        return [reproducible(item, places) for item in value]
+    if isinstance(value, str):
+        for where, shown in places.items():
+            value = value.replace(where, shown)
+    return value
+
+
+def write_results(results: dict[str, Any], path: Path, root: Path | None = None) -> Path:
+    """lm-eval's results (config, per-task numbers, logged samples) as JSON, written atomically; the same model and
+    data give the same file wherever llmops and the checkout are (`reproducible`: no dates, timings, git hashes or
+    machine description; the task configs' paths relative to the package, the data's to `root`)."""
     from lm_eval.utils import handle_non_serializable
 
     from llmops.common.io import atomic_write_bytes
 
-    atomic_write_bytes(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False).encode())
+    text = json.dumps(results, default=handle_non_serializable, ensure_ascii=False)  # lm-eval's objects as JSON values
+    # the task configs' own place (config_source) depends on where llmops is installed, the data's on the checkout
+    places = {str(TASKS_DIR): "llmops/evaluation/lm_eval_tasks"} | ({f"{root}/": "", str(root): "."} if root is not None else {})
+    atomic_write_bytes(path, json.dumps(reproducible(json.loads(text), places), indent=2, ensure_ascii=False).encode())
     return path
 
 

@@ -95,6 +95,19 @@ def test_metrics_become_dotted_mlflow_names_and_the_results_file_is_json(results
     assert written["results"]["llmops_humaneval"]["pass_at_1,none"] == 0.0
 
 
+def test_the_results_file_is_the_same_bytes_for_the_same_model_anywhere(results, project, tmp_path):
+    """reports/evaluate is a DVC output `llmops reproduce` compares by md5: lm-eval's dates, timings, git hashes and
+    machine description are left out, and paths under the repository are written relative to it."""
+    assert {"date", "pretty_env_info"} <= set(results)  # what lm-eval gives
+    moved = json.loads(json.dumps(results, default=str).replace(str(project), str(tmp_path / "elsewhere")))
+    moved["date"] = results["date"] + 3600.0
+    first = lm_eval.write_results(results, tmp_path / "a.json", project).read_bytes()
+    second = lm_eval.write_results(moved, tmp_path / "b.json", tmp_path / "elsewhere").read_bytes()
+    assert first == second
+    assert str(project) not in first.decode() and b'"date"' not in first and b"pretty_env_info" not in first
+    assert str(lm_eval.TASKS_DIR) in json.dumps(results, default=str) and str(lm_eval.TASKS_DIR) not in first.decode()
+
+
 def test_task_metrics_keeps_numbers_and_names_non_default_filters():
     results = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A", "acc,none": 0.5}}}
     assert lm_eval.task_metrics(results) == {"gsm8k": {"exact_match_strict-match": 0.25, "acc": 0.5}}
@@ -107,7 +120,7 @@ def test_unknown_task_fails_before_any_work_and_lists_the_available_ones(project
     shutil.rmtree(project / "models" / "finetune")  # any work would fail on the missing model first
     try:
         with pytest.raises(ConfigError) as error:
-            evaluate.run(params.evaluate, params.model, params.paths)
+            evaluate.run(params.evaluate, params.model, params.finetune, params.train, params.paths)
     finally:
         build_long_context_model(project / "models" / "finetune")
     message = str(error.value)
