@@ -14,7 +14,9 @@ on one machine and Ray is what spreads the same jobs over many.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -25,16 +27,40 @@ from llmops.common.progress import progress
 
 def map_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int = 0, desc: str = "") -> list[Any]:
     """fn(*job) for every job, results in job order. `workers` bounds local parallelism (0 = one per core)."""
+    return list(imap_jobs(fn, jobs, workers=workers, desc=desc))
+
+
+def imap_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int = 0, desc: str = "") -> Iterator[Any]:
+    """fn(*job) for every job, yielded in job order as they finish. At most a few jobs per worker are in flight or
+    waiting to be taken, so a caller that consumes each result (writes it out) holds a few results, not all of them."""
     if not jobs:
-        return []
+        return
     if env.data_engine() == "ray":
-        return _ray_map(fn, jobs, workers, desc)
+        yield from _ray_imap(fn, jobs, workers, desc)
+        return
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:
-        return [fn(*job) for job in progress(jobs, desc=desc, unit="shard")]
+        yield from (fn(*job) for job in progress(jobs, desc=desc, unit="shard"))
+        return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        return [f.result() for f in progress(futures, desc=desc, unit="shard")]
+        yield from _windowed(lambda job: pool.submit(fn, *job), lambda future: future.result(), jobs, IN_FLIGHT_PER_WORKER * workers, desc)
+
+
+IN_FLIGHT_PER_WORKER = 4  # jobs submitted ahead of the one whose result is awaited, per worker
+
+
+def _windowed(submit: Callable[[tuple], Any], result: Callable[[Any], Any], jobs: Sequence[tuple], window: int, desc: str) -> Iterator[Any]:
+    """Submit jobs `window` ahead of the oldest pending one and yield results in job order."""
+    queued = iter(jobs)
+    pending: deque[Any] = deque(submit(job) for job in islice(queued, window))
+
+    def in_order() -> Iterator[Any]:
+        while pending:
+            value = result(pending.popleft())
+            pending.extend(submit(job) for job in islice(queued, 1))
+            yield value
+
+    yield from progress(in_order(), desc=desc, unit="shard", total=len(jobs))
 
 
 def ray_init(workers: int = 0) -> None:
@@ -53,10 +79,10 @@ def ray_init(workers: int = 0) -> None:
         raise ConfigError(f"${env.RAY_ADDRESS}={address!r}: cannot reach the Ray cluster ({exc}). Start it (`ray start --head`) or unset the variable.") from None
 
 
-def _ray_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str) -> list[Any]:
+def _ray_imap(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str) -> Iterator[Any]:
     import ray
 
     ray_init(workers)
     remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(fn)  # over every node, not the driver's first
-    refs = [remote.remote(*job) for job in jobs]
-    return [ray.get(ref) for ref in progress(refs, desc=f"{desc} (ray)", unit="shard")]
+    window = IN_FLIGHT_PER_WORKER * max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    yield from _windowed(lambda job: remote.remote(*job), ray.get, jobs, window, f"{desc} (ray)")

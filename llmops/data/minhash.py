@@ -8,6 +8,9 @@ runs shard by shard on any corpus size. The dedup stage and the drift monitor us
   candidates (a sort per band: the "shuffle" by band key), the same candidates rensa's or datasketch's LSH index gives.
 - Verification: estimated Jaccard (share of equal signature values) at or above the threshold.
 - Clusters: connected components of the verified pairs (scipy); each cluster keeps its first document.
+
+The dedup stage keeps the signatures on disk (SignatureColumns) and reads them a band, or a permutation, at a
+time; the drift monitor's small lists keep them in memory. Both give the same pairs and similarities.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from llmops.common.progress import progress
-from llmops.data.engine import map_jobs
+from llmops.data.engine import imap_jobs, map_jobs
 from llmops.params.dedup import DedupConfig
 
 SIGNATURE_CHUNK_DOCS = 64  # texts per task when signatures of an in-memory list are spread over processes
 SHARD_BATCH_DOCS = 256  # documents of a shard held as shingles at once
 VERIFY_CHUNK_PAIRS = 65_536
+VERIFY_COLUMN_PAIRS = 4_194_304  # pairs verified per read of every permutation from disk
 
 
 def normalize(text: str) -> str:
@@ -92,27 +96,82 @@ def signatures(cfg: DedupConfig, texts: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), dtype=np.uint32)
 
 
+class SignatureColumns:
+    """The signatures of n documents on disk, written once and read a band at a time.
+
+    Two files: `columns` holds them permutation by permutation ((num_perm, n) uint32), so a band (the `rows`
+    permutations LSH compares) or one permutation of every document is one contiguous read; `rows` holds them
+    document by document ((n, num_perm)), for the kept documents' signatures dedup saves. Memory follows
+    n * rows while a band is read, never n * num_perm.
+    """
+
+    def __init__(self, folder: Path, n: int, num_perm: int) -> None:
+        self.n, self.num_perm = n, num_perm
+        self.columns_file, self.rows_file = Path(folder) / "columns.u32", Path(folder) / "rows.u32"
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for path in (self.columns_file, self.rows_file):
+            with open(path, "wb") as f:
+                f.truncate(n * num_perm * 4)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def write(self, start: int, sigs: np.ndarray) -> None:
+        """Store the signatures of documents start .. start + len(sigs)."""
+        sigs = np.ascontiguousarray(sigs, dtype=np.uint32)
+        with open(self.rows_file, "r+b") as f:
+            os.pwrite(f.fileno(), sigs.tobytes(), start * self.num_perm * 4)
+        by_perm = np.ascontiguousarray(sigs.T)
+        with open(self.columns_file, "r+b") as f:
+            for perm in range(self.num_perm):
+                os.pwrite(f.fileno(), by_perm[perm].tobytes(), (perm * self.n + start) * 4)
+
+    def columns(self, lo: int, hi: int) -> np.ndarray:
+        """Permutations lo .. hi of every document, as an (n, hi - lo) view."""
+        data = np.fromfile(self.columns_file, dtype=np.uint32, count=(hi - lo) * self.n, offset=lo * self.n * 4)
+        return data.reshape(hi - lo, self.n).T
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The signatures of documents start .. stop, as a (stop - start, num_perm) array."""
+        data = np.fromfile(self.rows_file, dtype=np.uint32, count=(stop - start) * self.num_perm, offset=start * self.num_perm * 4)
+        return data.reshape(stop - start, self.num_perm)
+
+    def similarity(self, pairs: np.ndarray) -> np.ndarray:
+        """Estimated Jaccard of each pair, counted one permutation at a time (the same values `similarity` gives)."""
+        out = np.empty(len(pairs), dtype=np.float64)
+        for start in range(0, len(pairs), VERIFY_COLUMN_PAIRS):
+            chunk = pairs[start : start + VERIFY_COLUMN_PAIRS]
+            equal = np.zeros(len(chunk), dtype=np.int32)
+            for perm in range(self.num_perm):
+                values = self.columns(perm, perm + 1)[:, 0]
+                equal += values[chunk[:, 0]] == values[chunk[:, 1]]
+            out[start : start + len(chunk)] = equal / self.num_perm
+        return out
+
+
+Signatures = np.ndarray | SignatureColumns
+
+
 @dataclass
 class DocIndex:
-    """What dedup needs of each document, without its text: ids, exact keys, signatures, shingles present, size."""
+    """What dedup needs of each document, without its text: exact keys, signatures, shingles present, size (and the
+    ids, for an in-memory list of texts)."""
 
-    ids: list[str]
     keys: np.ndarray  # (n,) S32: sha256 of the normalized text
-    sigs: np.ndarray  # (n, num_perm) uint32
+    sigs: Signatures  # (n, num_perm) uint32, in memory or on disk
     has_shingles: np.ndarray  # (n,) bool: documents without words are never near duplicates
     text_bytes: np.ndarray  # (n,) int64
 
     @classmethod
-    def of_texts(cls, cfg: DedupConfig, ids: list[str], texts: list[str], sigs: np.ndarray | None = None) -> DocIndex:
-        keyed = cls.keyed(ids, texts)
+    def of_texts(cls, cfg: DedupConfig, texts: list[str], sigs: np.ndarray | None = None) -> DocIndex:
+        keyed = cls.keyed(texts)
         keyed.sigs = signatures(cfg, texts) if sigs is None else sigs
         return keyed
 
     @classmethod
-    def keyed(cls, ids: list[str], texts: list[str]) -> DocIndex:
+    def keyed(cls, texts: list[str]) -> DocIndex:
         """Everything but the signatures (left empty)."""
         return cls(
-            ids=list(ids),
             keys=np.array([exact_key(t) for t in texts], dtype="S32"),
             sigs=np.zeros((0, 0), np.uint32),
             has_shingles=np.array([bool(t.split()) for t in texts], dtype=bool),
@@ -120,25 +179,27 @@ class DocIndex:
         )
 
     @classmethod
-    def concat(cls, parts: list[DocIndex], num_perm: int) -> DocIndex:
+    def concat(cls, parts: list[DocIndex]) -> DocIndex:
+        """The parts' keys, shingle flags and sizes, in order (signatures are added afterwards)."""
         if not parts:
-            return cls([], np.zeros(0, "S32"), np.zeros((0, num_perm), np.uint32), np.zeros(0, bool), np.zeros(0, np.int64))
+            return cls(np.zeros(0, "S32"), np.zeros((0, 0), np.uint32), np.zeros(0, bool), np.zeros(0, np.int64))
         return cls(
-            ids=[i for p in parts for i in p.ids],
             keys=np.concatenate([p.keys for p in parts]),
-            sigs=np.concatenate([p.sigs for p in parts]),
+            sigs=np.zeros((0, 0), np.uint32),
             has_shingles=np.concatenate([p.has_shingles for p in parts]),
             text_bytes=np.concatenate([p.text_bytes for p in parts]),
         )
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
 
 def _shard_keys(shard: Path) -> DocIndex:
-    """Pass 1 on one shard (in a worker): ids, exact keys, shingles present, sizes; no signatures yet."""
+    """Pass 1 on one shard (in a worker): exact keys, shingles present, sizes; no signatures yet."""
     import pyarrow.parquet as pq
 
-    batches = pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["id", "text"])
-    parts = [DocIndex.keyed(b.column("id").to_pylist(), b.column("text").to_pylist()) for b in batches]
-    return DocIndex.concat(parts, 0)
+    batches = pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"])
+    return DocIndex.concat([DocIndex.keyed(b.column("text").to_pylist()) for b in batches])
 
 
 def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
@@ -156,18 +217,23 @@ def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_word
     return sigs
 
 
-def index_shards(cfg: DedupConfig, shards: list[Path]) -> DocIndex:
-    """The DocIndex of every shard, in order, shard by shard as engine jobs (cfg.workers local processes, or Ray). Signatures are computed only
-    for documents that can be near duplicates (the first of their exact key, with words); the others get zeros."""
+def index_shards(cfg: DedupConfig, shards: list[Path], scratch: Path) -> tuple[DocIndex, np.ndarray]:
+    """The DocIndex of every shard, in order, and each shard's first position (plus the total), built shard by shard
+    as engine jobs (cfg.workers local processes, or Ray). Signatures are computed only for documents that can be
+    near duplicates (the first of their exact key, with words; the others get zeros) and go to SignatureColumns
+    files in `scratch` as each shard's job returns, so memory holds about 50 bytes per document, not the signatures."""
     parts = map_jobs(_shard_keys, [(s,) for s in shards], workers=cfg.workers, desc="dedup: exact keys")
-    index = DocIndex.concat(parts, cfg.num_perm)
-    n = len(index.ids)
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    index = DocIndex.concat(parts)
+    del parts
+    n = len(index)
     wanted = (exact_firsts(index.keys) == np.arange(n)) & index.has_shingles
-    offsets = np.cumsum([0] + [len(p.ids) for p in parts])
     jobs = [(s, wanted[offsets[k] : offsets[k + 1]], cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed) for k, s in enumerate(shards)]
-    sigs = map_jobs(_shard_signatures, jobs, workers=cfg.workers, desc="dedup: minhash")
-    index.sigs = np.concatenate(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32)
-    return index
+    store = SignatureColumns(scratch, n, cfg.num_perm)
+    for start, sigs in zip(offsets, imap_jobs(_shard_signatures, jobs, workers=cfg.workers, desc="dedup: minhash"), strict=False):
+        store.write(int(start), sigs)
+    index.sigs = store
+    return index, offsets
 
 
 def exact_firsts(keys: np.ndarray) -> np.ndarray:
@@ -178,9 +244,11 @@ def exact_firsts(keys: np.ndarray) -> np.ndarray:
     return first[inverse.reshape(-1)].astype(np.int64)
 
 
-def band_pairs(sigs: np.ndarray, positions: np.ndarray, band: int, rows: int) -> np.ndarray:
+def band_pairs(sigs: Signatures, positions: np.ndarray, band: int, rows: int) -> np.ndarray:
     """(i, j) positions, i < j, of documents in `positions` whose signatures agree on band `band` (a sort by band key)."""
-    slices = np.ascontiguousarray(sigs[positions, band * rows : (band + 1) * rows]).view(np.dtype((np.void, rows * 4))).reshape(-1)
+    lo, hi = band * rows, (band + 1) * rows
+    block = sigs.columns(lo, hi) if isinstance(sigs, SignatureColumns) else sigs[:, lo:hi]
+    slices = np.ascontiguousarray(block[positions]).view(np.dtype((np.void, rows * 4))).reshape(-1)
     order = np.argsort(slices, kind="stable")
     ordered = slices[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -193,8 +261,10 @@ def band_pairs(sigs: np.ndarray, positions: np.ndarray, band: int, rows: int) ->
     return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
 
 
-def similarity(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def similarity(sigs: Signatures, pairs: np.ndarray) -> np.ndarray:
     """Estimated Jaccard of each pair: the share of equal signature values."""
+    if isinstance(sigs, SignatureColumns):
+        return sigs.similarity(pairs)
     out = np.empty(len(pairs), dtype=np.float64)
     for start in range(0, len(pairs), VERIFY_CHUNK_PAIRS):
         chunk = pairs[start : start + VERIFY_CHUNK_PAIRS]
@@ -202,7 +272,7 @@ def similarity(sigs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def near_duplicate_pairs(cfg: DedupConfig, sigs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def near_duplicate_pairs(cfg: DedupConfig, sigs: Signatures, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Verified near-duplicate pairs among `positions`: (pairs (i, j) with i < j, their estimated Jaccard).
 
     Band by band, each band's new candidates are verified at once and only the verified pairs are kept (as one
@@ -236,19 +306,42 @@ def clusters_keep_first(n: int, pairs: np.ndarray) -> np.ndarray:
     return lowest[labels]
 
 
-def find_duplicates_in(cfg: DedupConfig, index: DocIndex) -> dict[int, tuple[int, str, float]]:
-    """Map each removed position -> (kept position, 'exact' | 'near', similarity to the kept record)."""
-    n = len(index.ids)
+@dataclass
+class Removed:
+    """The documents dedup drops, by ascending position: the kept document in each one's place, whether it is a near
+    (not exact) duplicate, and its estimated Jaccard to the kept one (1.0 for an exact duplicate)."""
+
+    positions: np.ndarray  # int64
+    kept: np.ndarray  # int64, an earlier position: the first with the same text (which may itself be a near duplicate) or the cluster's first
+    near: np.ndarray  # bool
+    similarity: np.ndarray  # float64
+
+    def as_dict(self) -> dict[int, tuple[int, str, float]]:
+        return {
+            int(p): (int(k), "near" if n else "exact", float(s))
+            for p, k, n, s in zip(self.positions, self.kept, self.near, self.similarity, strict=True)
+        }
+
+
+def find_duplicates_in(cfg: DedupConfig, index: DocIndex) -> Removed:
+    """Exact duplicates (each mapped to the first with its key), then near-duplicate clusters among the rest (each
+    mapped to its cluster's first document)."""
+    n = len(index)
     firsts = exact_firsts(index.keys)
-    removed: dict[int, tuple[int, str, float]] = {int(i): (int(firsts[i]), "exact", 1.0) for i in np.flatnonzero(firsts != np.arange(n))}
+    exact = np.flatnonzero(firsts != np.arange(n))
     survivors = np.flatnonzero((firsts == np.arange(n)) & index.has_shingles)
     pairs, _ = near_duplicate_pairs(cfg, index.sigs, survivors)
     roots = clusters_keep_first(n, pairs)
-    near = np.flatnonzero(roots != np.arange(n))
-    if len(near):
-        sims = similarity(index.sigs, np.stack([near, roots[near]], axis=1))
-        removed.update({int(i): (int(roots[i]), "near", float(s)) for i, s in zip(near, sims, strict=True)})
-    return removed
+    near = np.flatnonzero(roots != np.arange(n))  # never an exact duplicate: those are in no pair
+    near_sims = similarity(index.sigs, np.stack([near, roots[near]], axis=1)) if len(near) else np.zeros(0)
+    positions = np.concatenate([exact, near])
+    order = np.argsort(positions, kind="stable")
+    return Removed(
+        positions=positions[order],
+        kept=np.concatenate([firsts[exact], roots[near]])[order],
+        near=np.concatenate([np.zeros(len(exact), bool), np.ones(len(near), bool)])[order],
+        similarity=np.concatenate([np.ones(len(exact)), near_sims])[order],
+    )
 
 
 SIGNATURES_FILE, SIGNATURES_META = "minhash.npy", "minhash.json"  # in data/dedup/: the kept documents' signatures
@@ -275,4 +368,4 @@ def load_signatures(dedup_dir: Path, cfg: DedupConfig, rows: int) -> np.ndarray 
 
 def find_duplicates(cfg: DedupConfig, texts: list[str]) -> dict[int, tuple[int, str, float]]:
     """find_duplicates_in for an in-memory list of texts."""
-    return find_duplicates_in(cfg, DocIndex.of_texts(cfg, [str(i) for i in range(len(texts))], texts))
+    return find_duplicates_in(cfg, DocIndex.of_texts(cfg, texts)).as_dict()

@@ -127,3 +127,37 @@ def test_connected_components_join_chains_and_keep_the_lowest_position():
 
     roots = minhash.clusters_keep_first(6, np.array([[3, 5], [1, 3], [2, 4]]))
     assert roots.tolist() == [0, 1, 2, 1, 2, 1]
+
+
+def test_the_stage_on_disk_signatures_removes_what_the_in_memory_path_removes(tmp_path, planted_corpus):
+    """The stage keeps signatures on disk (SignatureColumns) and its removals arrive as arrays; find_duplicates holds
+    everything in memory. Both name the same record in each duplicate's place, including an exact duplicate of a
+    record that is itself a near duplicate (it names that record, which was removed too)."""
+    texts, planted = planted_corpus
+    copy, source = next(iter(planted.items()))
+    texts = texts + [texts[copy]]  # an exact duplicate of a near duplicate
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(tmp_path / "validated", table, shard_max_bytes=20_000)
+    cfg = DedupConfig(workers=2, shard_max_bytes=20_000)
+    dedup.run(cfg, project_paths(tmp_path, validated="validated", dedup="dedup", duplicates="dups"))
+    report = {r["id"]: (r["duplicate_of"], r["kind"], r["similarity"]) for r in read_records(tmp_path / "dups").to_pylist()}
+    expected = {ids[p]: (ids[k], kind, sim) for p, (k, kind, sim) in minhash.find_duplicates(cfg, texts).items()}
+    assert report == expected
+    assert report[ids[-1]][:2] == (ids[copy], "exact") and report[ids[copy]][:2] == (ids[source], "near")
+    assert not (tmp_path / "dedup" / ".index").exists()
+
+
+def test_signatures_on_disk_give_the_bands_and_similarities_of_the_matrix(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    sigs = rng.integers(0, 4, size=(50, 16), dtype=np.uint32)  # few values, so bands collide and pairs agree in part
+    store = minhash.SignatureColumns(tmp_path, 50, 16)
+    store.write(0, sigs[:20])
+    store.write(20, sigs[20:])
+    assert np.array_equal(store.rows(0, 50), sigs) and np.array_equal(store.columns(4, 8), sigs[:, 4:8])
+    positions = np.arange(0, 50, 2)
+    pairs = minhash.band_pairs(sigs, positions, 1, 2)
+    assert len(pairs) and np.array_equal(minhash.band_pairs(store, positions, 1, 2), pairs)
+    assert np.array_equal(store.similarity(pairs), minhash.similarity(sigs, pairs))
