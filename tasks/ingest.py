@@ -1,5 +1,9 @@
 """ingest: read `ingest.source` (default: the Python standard library source) into data/raw/ Parquet shards.
 
+The sources are cut into splits of about `ingest.split_bytes` (JSONL byte ranges, Parquet row-group runs, groups of
+small files), read at once by `ingest.workers` local processes or on Ray (llmops.data.engine); the shards are numbered
+in split order, so data/raw/ is the same whatever the engine or the number of workers.
+
 A record that cannot be decoded or parsed keeps its raw text and an `ingest_error`, so validate
 quarantines it with the reason; files that cannot be read at all are listed in data/raw/skipped.jsonl.
 """

@@ -1,14 +1,15 @@
+import hashlib
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from llmops.data import sources
-from tasks import ingest
-from llmops.params.ingest import IngestConfig
 from llmops.common.errors import DataError
-from llmops.common.io import read_records
+from llmops.common.io import OUTPUT_MARKER, read_records
+from llmops.data import sources
+from llmops.params.ingest import IngestConfig
+from tasks import ingest
 
 from ..conftest import project_paths, write_jsonl
 
@@ -169,3 +170,80 @@ def test_shard_writer_cuts_where_write_records_does(tmp_path):
     streamed = writer.close()
     assert [p.name for p in whole] == [p.name for p in streamed] and len(whole) > 5
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(whole, streamed, strict=True))
+
+
+def shard_md5s(out):
+    return [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.glob("part-*.parquet"))]
+
+
+def jsonl_corpus(folder):
+    """Two JSONL files of lines of varying length with blank lines, a bad-UTF-8 line and a malformed line; one ends in
+    a newline, one does not."""
+    lines = [json.dumps({"id": f"r{i}", "text": "w" * (i * 7 % 50)}).encode() for i in range(40)]
+    lines[3:3] = [b"", b"   "]
+    lines[10] = b'{"text": "caf\xe9"}'
+    lines[17] = b"{not json"
+    lines[25:25] = [b"", b""]
+    folder.mkdir(parents=True)
+    (folder / "ends_newline.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "no_newline.jsonl").write_bytes(b"\n".join(lines[:30]))
+    return folder
+
+
+def test_jsonl_cut_into_many_byte_ranges_reads_the_records_and_line_numbers_of_one_range(tmp_path):
+    src = jsonl_corpus(tmp_path / "in")
+    whole, _, whole_out = ingest_dir(tmp_path / "whole", source=str(src / "*.jsonl"))
+    split, _, split_out = ingest_dir(tmp_path / "split", source=str(src / "*.jsonl"), split_bytes=13, workers=1)
+    assert whole.metrics["splits"] == 1 and split.metrics["splits"] > 50
+    assert read_records(split_out).to_pylist() == read_records(whole_out).to_pylist()
+    assert split.metrics["blank_lines"] == whole.metrics["blank_lines"] == 4 + 4 + 1  # + the trailing newline's line
+    numbered = [(r["source"], json.loads(r["meta"])["line"]) for r in read_records(split_out).to_pylist()]
+    expected = [
+        (f"in/{name}:{n}", n)
+        for name in ("ends_newline.jsonl", "no_newline.jsonl")
+        for n, line in enumerate((src / name).read_bytes().split(b"\n"), start=1)
+        if line.strip()
+    ]
+    assert numbered == expected
+    flagged = {r["source"]: r["ingest_error"].split(": ")[1].split(" ")[0] for r in read_records(split_out).to_pylist() if r["ingest_error"]}
+    assert flagged == {f"in/{name}:{n}": kind for name in ("ends_newline.jsonl", "no_newline.jsonl") for n, kind in ((11, "not"), (18, "malformed"))}
+
+
+def test_jsonl_shards_are_byte_identical_for_one_or_two_workers(tmp_path):
+    src = jsonl_corpus(tmp_path / "in")
+    one, _, one_out = ingest_dir(tmp_path / "one", source=str(src / "*.jsonl"), split_bytes=200, shard_max_bytes=60, workers=1)
+    two, _, two_out = ingest_dir(tmp_path / "two", source=str(src / "*.jsonl"), split_bytes=200, shard_max_bytes=60, workers=2)
+    assert one.metrics == two.metrics and one.metrics["shards"] > one.metrics["splits"] > 2
+    assert shard_md5s(one_out) == shard_md5s(two_out)
+    names = sorted(p.name for p in two_out.iterdir())
+    assert names == sorted([OUTPUT_MARKER, "skipped.jsonl"] + [f"part-{k:05d}.parquet" for k in range(two.metrics["shards"])])
+
+
+def test_parquet_row_groups_cut_into_splits_keep_their_row_numbers(tmp_path):
+    import pyarrow as pa
+
+    rows = [{"text": "t" * (i % 13)} for i in range(100)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=7)
+    result, _, out = ingest_dir(tmp_path, source=str(tmp_path / "d.parquet"), split_bytes=100, workers=2)
+    assert result.metrics["splits"] > 3 and result.metrics["files_read"] == 1
+    table = read_records(out).to_pylist()
+    assert [json.loads(r["meta"])["row"] for r in table] == list(range(100))
+    assert [r["id"] for r in table] == [f"{tmp_path.name}/d.parquet:{i}" for i in range(100)]
+    assert [r["text"] for r in table] == [r["text"] for r in rows]
+
+
+def test_many_small_files_are_grouped_into_splits_in_order_with_skips_listed_in_place(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"f{i:02d}.py").write_text(f"v{i} = {i}\n" * (i % 5 + 1))
+    (folder / "f10_big.py").write_text("x = 1\n" * 100)
+    (folder / "f20_big.py").write_text("x = 1\n" * 100)
+    whole, _, whole_out = ingest_dir(tmp_path / "whole", source=str(folder), max_file_bytes=500)
+    split, _, split_out = ingest_dir(tmp_path / "split", source=str(folder), max_file_bytes=500, split_bytes=60, workers=2)
+    assert 1 < split.metrics["splits"] < 30 and whole.metrics["splits"] == 1
+    assert [r["id"] for r in read_records(split_out).to_pylist()] == [f"in/f{i:02d}.py" for i in range(30)]
+    assert read_records(split_out).to_pylist() == read_records(whole_out).to_pylist()
+    skipped = [json.loads(line)["path"] for line in (split_out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [str(folder / "f10_big.py"), str(folder / "f20_big.py")]
+    assert split.metrics == whole.metrics | {"shards": split.metrics["shards"], "splits": split.metrics["splits"]}
