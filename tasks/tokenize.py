@@ -6,8 +6,11 @@ the tokenizer's sha256, so a tokenized cache is never reused with another tokeni
 reference_stats.json that the drift monitor compares new data against.
 
 The records stream through shard by shard, three times: ids (the split and the BPE sample), the sampled train
-text into the BPE trainer, then every document into the token files, appended batch by batch. Memory holds a
-batch of documents, the per-document lengths and the unigram counts, never the corpus or its tokens.
+text into the BPE trainer, then every document into the token files. That last pass runs one job per shard
+(llmops.data.engine: a process pool or Ray, `tokenize.workers`), each loading the saved tokenizer and writing its
+shard's packed ids to part files that are then appended in shard order, so the bytes do not depend on the engine or
+the number of workers. Memory holds a batch of documents, the per-document lengths and the unigram counts (per
+worker: one batch and its shard's lengths), never the corpus or its tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from llmops.common.results import StageResult
 from llmops.data.tokenizer import (
     REFERENCE_STATS,
     bpe_sample,
-    encode_stream,
+    encode_shards,
     load_base_tokenizer,
     reference_stats,
     token_dtype,
@@ -79,8 +82,8 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
     digest = directory_digest(tokenizer_dir, algorithm="sha256")
     with atomic_dir(tokens_dir) as tmp:
         with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
-            texts = ((start, cols["text"]) for start, cols in _batches(shards, cfg.batch_docs, ["text"]))
-            encoded = encode_stream(tokenizer, texts, is_val, {False: train_out, True: val_out}, total=-(-len(ids) // cfg.batch_docs))
+            out = {False: train_out, True: val_out}
+            encoded = encode_shards(tokenizer_dir, shards, is_val, cfg.batch_docs, out, tmp / ".parts", workers=cfg.workers)
         tokens, train_lengths = encoded.tokens, encoded.lengths[False]
         stats = reference_stats(tokenizer, None, train_lengths, cfg.length_histogram_bins, counts=encoded.counts)
         meta = {
@@ -112,6 +115,6 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
     }
     summary = (
         f"tokenize: {meta['train_docs']} train + {meta['val_docs']} val docs -> {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens "
-        f"(vocab {meta['vocab_size']}, {metrics['tokens_per_s']:,.0f} tokens/s) at {tokens_dir}; tokenizer at {tokenizer_dir}"
+        f"(vocab {meta['vocab_size']}, {metrics['tokens_per_s']:,.0f} tokens/s on {encoded.ran_on}) at {tokens_dir}; tokenizer at {tokenizer_dir}"
     )
     return StageResult(metrics=metrics, summary=summary, artifacts=[tokens_dir / REFERENCE_STATS, tokenizer_dir], facts=TOKENIZE_FACTS)

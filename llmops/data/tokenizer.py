@@ -5,21 +5,34 @@ unigrams, unk and byte-fallback rates) that the drift monitor compares new data 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from itertools import chain
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from llmops.params.tokenize import TokenizeConfig
+from llmops.common import env
 from llmops.common.errors import DataError
 from llmops.common.progress import progress
+from llmops.data.engine import map_jobs
+from llmops.params.tokenize import TokenizeConfig
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 REFERENCE_STATS = "reference_stats.json"  # in data/tokens/: what the drift monitor compares a batch with
+COPY_CHUNK_BYTES = 16 << 20  # part files are appended to train.bin / val.bin this much at a time
+# A pool of one-thread processes is chosen over one process with tokenizers' threads when the shards keep it at least
+# this busy (pool_fill). Measured on 2 cores shared with other work (benchmarks/bench_tokenize.py --repeat 3, medians):
+# on the stdlib corpus, 2 shards of 16.2 and 14.7 MB (fill 0.96), the pool encoded at 1.35x bare tokenizers' speed and
+# the one process at 1.02x; on 400 of its documents in 19 shards (fill 0.98), 1.41x and 1.01x. A pool runs at about
+# its fill times its full speed, so it wins down to a fill of about 0.75.
+MIN_POOL_FILL = 0.75
 
 
 def is_validation_doc(doc_id: str, val_fraction: float, seed: int) -> bool:
@@ -109,28 +122,30 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarr
 
 @dataclass
 class Encoded:
-    """What `encode_stream` wrote: tokens per side (False = train, True = validation), each document's length in
-    tokens per side, the train split's unigram counts, characters read, and seconds spent."""
+    """What an encode wrote: tokens per side (False = train, True = validation), each document's length in tokens per
+    side, the train split's unigram counts, characters read, and seconds spent."""
 
     tokens: dict[bool, int]
     lengths: dict[bool, np.ndarray]
     counts: np.ndarray
     chars: int
     seconds: float
+    ran_on: str = ""  # where the encoding ran (encode_shards), for the stage's summary line
 
 
 def encode_stream(
-    tokenizer: Any, batches: Iterable[tuple[int, list[str]]], is_val: np.ndarray, out: dict[bool, BinaryIO], total: int | None = None
+    tokenizer: Any, batches: Iterable[tuple[int, list[str]]], is_val: np.ndarray, out: dict[bool, BinaryIO], desc: str = "", total: int | None = None
 ) -> Encoded:
     """Encode `(first document's position, texts)` batches in order, appending each side's packed ids to `out[side]`.
 
-    Memory holds one batch; the train split's unigram counts are summed as the batches go by."""
+    Memory holds one batch; the train split's unigram counts are summed as the batches go by. A progress bar per
+    batch when `desc` is given."""
     started = time.perf_counter()
     counts = np.zeros(len(tokenizer), dtype=np.int64)
     lengths: dict[bool, list[np.ndarray]] = {False: [], True: []}
     tokens = {False: 0, True: 0}
     chars = 0
-    for start, texts in progress(batches, desc="tokenize: encode", unit="batch", total=total):
+    for start, texts in progress(batches, desc=desc, unit="batch", total=total) if desc else batches:
         chars += sum(map(len, texts))
         side = is_val[start : start + len(texts)]
         for held_out in (False, True):
@@ -145,6 +160,127 @@ def encode_stream(
                 counts += np.bincount(packed, minlength=len(tokenizer))
     joined = {side: np.concatenate(parts) if parts else np.zeros(0, np.int64) for side, parts in lengths.items()}
     return Encoded(tokens=tokens, lengths=joined, counts=counts, chars=chars, seconds=time.perf_counter() - started)
+
+
+def load_saved_tokenizer(tokenizer_dir: str | Path) -> Any:
+    """The tokenizer a stage saved (save_pretrained), from its directory only; loaded once per process while the
+    directory holds the same tokenizer.json (a worker process runs many shard jobs)."""
+    tokenizer_json = os.stat(Path(tokenizer_dir) / "tokenizer.json")
+    return _load_saved_tokenizer(str(tokenizer_dir), (tokenizer_json.st_ino, tokenizer_json.st_mtime_ns, tokenizer_json.st_size))
+
+
+@lru_cache(maxsize=1)
+def _load_saved_tokenizer(tokenizer_dir: str, _version: tuple[int, int, int]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def encode_shard(tokenizer_dir: str, shard: str, is_val: np.ndarray, batch_docs: int, parts: dict[bool, str], counts_file: str, driver_pid: int) -> Encoded:
+    """One encode_shards job: the shard's documents in batches of `batch_docs`, each side's packed ids written to
+    `parts[side]`; `is_val` holds the shard's rows only. The train unigram counts go to `counts_file` (np.save), not
+    into the result, so the driver holds one vocabulary-sized vector, not one per shard. Memory: one batch and the
+    shard's document lengths.
+
+    In the driver process (one job at a time) tokenizers' Rust threads use every core. Anywhere else the job is one
+    of many worker processes, one per core, so it encodes on one thread. A forked worker must not touch the Rust
+    thread pool at all: it was started in the parent (the BPE training, an earlier encode) and its threads do not
+    survive the fork, so with TOKENIZERS_PARALLELISM=true (what llmops.common.env.OFFLINE sets) encode_batch_fast
+    in a forked child waits forever (tokenizers 0.23.3, measured)."""
+    import pyarrow.parquet as pq
+
+    in_driver = os.getpid() == driver_pid
+    if not in_driver:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at every encode_batch call
+    tokenizer = load_saved_tokenizer(tokenizer_dir)
+
+    def batches() -> Iterator[tuple[int, list[str]]]:
+        start = 0
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_docs, columns=["text"]):
+            yield start, batch.column("text").to_pylist()
+            start += batch.num_rows
+
+    with open(parts[False], "wb") as train, open(parts[True], "wb") as val:
+        desc = f"tokenize: encode {Path(shard).name}" if in_driver else ""
+        encoded = encode_stream(tokenizer, batches(), is_val, {False: train, True: val}, desc=desc, total=-(-len(is_val) // batch_docs))
+    np.save(counts_file, encoded.counts)
+    return replace(encoded, counts=np.zeros(0, np.int64))
+
+
+def pool_fill(shard_bytes: list[int], workers: int) -> float:
+    """The share of `workers` processes' time spent encoding when the shards run in order, one thread each, every
+    shard on the first process free (the process pool's order), its time proportional to its text bytes."""
+    busy_until = [0] * workers
+    for size in shard_bytes:
+        busy_until[busy_until.index(min(busy_until))] += size
+    return sum(shard_bytes) / (workers * max(busy_until)) if sum(shard_bytes) else 0.0
+
+
+def shard_text_bytes(shards: list[Path]) -> list[int]:
+    """Each shard's text column, uncompressed, from its Parquet footer: the encoding work a shard holds."""
+    import pyarrow.parquet as pq
+
+    sizes = []
+    for shard in shards:
+        meta = pq.ParquetFile(shard).metadata
+        text = meta.schema.names.index("text")
+        sizes.append(sum(meta.row_group(g).column(text).total_uncompressed_size for g in range(meta.num_row_groups)))
+    return sizes
+
+
+def encode_workers(workers: int, shard_bytes: list[int]) -> int:
+    """The `workers` encode_shards hands map_jobs: `workers` when set (or under Ray, where it sizes a local Ray);
+    else one process per core when the shards keep them busy (pool_fill >= MIN_POOL_FILL), else 1: one process whose
+    tokenizers threads share every batch over every core (worker processes encode on one thread, see encode_shard)."""
+    if workers or env.data_engine() == "ray":
+        return workers
+    cores = os.cpu_count() or 1
+    return cores if pool_fill(shard_bytes, cores) >= MIN_POOL_FILL else 1
+
+
+def encode_shards(tokenizer_dir: Path, shards: list[Path], is_val: np.ndarray, batch_docs: int, out: dict[bool, BinaryIO], scratch: Path, workers: int = 0) -> Encoded:
+    """Every shard encoded as a map_jobs job (encode_shard), the part files then appended to `out[side]` in shard order
+    (and deleted), the counts summed: the same bytes as one encode_stream over the shards in order, whatever the
+    engine or the number of workers. `is_val` covers every document of every shard, in order; `scratch` must be a
+    new folder on a filesystem every worker sees (inside the stage's temp output). `seconds` is wall time."""
+    import pyarrow.parquet as pq
+
+    load_saved_tokenizer(tokenizer_dir)  # loaded and cached before the pool forks: forked workers inherit it
+    started = time.perf_counter()
+    scratch.mkdir()
+    rows = np.cumsum([0] + [pq.ParquetFile(shard).metadata.num_rows for shard in shards])
+    if rows[-1] != len(is_val):
+        raise DataError(f"tokenize: the shards hold {rows[-1]} documents but the split covers {len(is_val)}; were they rewritten meanwhile? Run tokenize again.")
+    parts = [{side: str(scratch / f"{'val' if side else 'train'}-{i:05d}.bin") for side in (False, True)} for i in range(len(shards))]
+    counts_files = [str(scratch / f"counts-{i:05d}.npy") for i in range(len(shards))]
+    jobs = [(str(tokenizer_dir), str(shard), is_val[rows[i] : rows[i + 1]], batch_docs, parts[i], counts_files[i], os.getpid()) for i, shard in enumerate(shards)]
+    workers = encode_workers(workers, shard_text_bytes(shards))
+    if env.data_engine() == "ray":
+        ran_on = "Ray"
+    elif min(workers, len(shards)) > 1:
+        ran_on = f"{min(workers, len(shards))} processes"
+    else:
+        ran_on = "1 process, tokenizers threads"
+    results: list[Encoded] = map_jobs(encode_shard, jobs, workers=workers, desc="tokenize: encode")
+    counts = None
+    for shard_parts, counts_file in zip(parts, counts_files, strict=True):
+        for side, part in shard_parts.items():
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out[side], COPY_CHUNK_BYTES)
+            os.remove(part)
+        shard_counts = np.load(counts_file)
+        counts = shard_counts if counts is None else counts + shard_counts
+        os.remove(counts_file)
+    scratch.rmdir()
+    empty = np.zeros(0, np.int64)
+    return Encoded(
+        tokens={side: sum(r.tokens[side] for r in results) for side in (False, True)},
+        lengths={side: np.concatenate([empty, *(r.lengths[side] for r in results)]) for side in (False, True)},
+        counts=counts if counts is not None else empty,
+        chars=sum(r.chars for r in results),
+        seconds=time.perf_counter() - started,
+        ran_on=ran_on,
+    )
 
 
 def encode_and_pack(tokenizer: Any, texts: list[str], batch_docs: int, desc: str) -> tuple[np.ndarray, np.ndarray]:

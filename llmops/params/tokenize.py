@@ -16,3 +16,6 @@ class TokenizeConfig(Section):
     # The BPE learns from at most this many bytes of train documents, picked by a hash of their id (0 = all of them).
     train_sample_bytes: int = Field(200_000_000, ge=0)
     length_histogram_bins: int = Field(32, ge=4)
+    # shards encoded at once, by local processes of one tokenizers thread each; 1 = one process whose tokenizers threads
+    # use every core; 0 = one process per CPU core when the shards keep them busy, else 1 (llmops.data.tokenizer.encode_workers)
+    workers: int = Field(0, ge=0)

@@ -5,13 +5,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from llmops.common.errors import DataError
 from llmops.common.fingerprints import directory_digest
+from llmops.common.io import RECORD_SCHEMA, write_records
 from llmops.data import tokenizer as tokenization
-from tasks import tokenize
 from llmops.params.model import ModelConfig
 from llmops.params.tokenize import TokenizeConfig
-from llmops.common.errors import DataError
-from llmops.common.io import RECORD_SCHEMA, write_records
+from tasks import tokenize
 
 from ..conftest import ROOT, project_paths
 
@@ -135,3 +135,39 @@ def test_the_bpe_learns_from_a_bounded_deterministic_sample_and_says_so(tmp_path
     assert directory_digest(tmp_path / "a" / "tokenizer") == directory_digest(tmp_path / "b" / "tokenizer")
     # every document is still encoded: the sample only decides what the BPE learns from
     assert meta["train_docs"] + meta["val_docs"] == len(texts)
+
+
+TOKEN_OUTPUTS = ("train.bin", "val.bin", "meta.json", "reference_stats.json")
+
+
+def test_one_worker_and_two_worker_processes_write_the_same_bytes_over_many_shards(tmp_path):
+    texts = code_documents(24)
+    one = _tokenize(tmp_path / "one", texts, 3_000, workers=1)
+    two = _tokenize(tmp_path / "two", texts, 3_000, workers=2)
+    assert len(list((tmp_path / "two" / "dedup").glob("*.parquet"))) > 5
+    for name in TOKEN_OUTPUTS:
+        assert (tmp_path / "one" / "tokens" / name).read_bytes() == (tmp_path / "two" / "tokens" / name).read_bytes(), name
+    assert {k: v for k, v in one.metrics.items() if not k.endswith("_s")} == {k: v for k, v in two.metrics.items() if not k.endswith("_s")}
+    assert sorted(p.name for p in (tmp_path / "two" / "tokens").iterdir()) == sorted([".llmops-output", *TOKEN_OUTPUTS])  # no part files left
+
+
+def test_the_sharded_encode_writes_what_one_in_process_encode_of_the_documents_writes(tmp_path):
+    texts = code_documents(24)
+    _tokenize(tmp_path, texts, 3_000, workers=2)
+    tokenizer = tokenization.load_saved_tokenizer(tmp_path / "tokenizer")
+    ids = [f"d{i}" for i in range(len(texts))]
+    is_val = tokenization.validation_mask(ids, TokenizeConfig(vocab_size=400, val_fraction=0.1))
+    assert 0 < is_val.sum() < len(texts)
+    with open(tmp_path / "train.bin", "wb") as train, open(tmp_path / "val.bin", "wb") as val:
+        encoded = tokenization.encode_stream(tokenizer, [(0, texts)], is_val, {False: train, True: val})
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "tokens" / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    stats = json.loads((tmp_path / "tokens" / "reference_stats.json").read_text())
+    assert stats["unigram_counts"] == encoded.counts.tolist() and stats["docs"] == len(encoded.lengths[False])
+
+
+def test_pool_fill_is_the_busy_share_of_one_thread_workers_taking_shards_in_order():
+    assert tokenization.pool_fill([10, 10], workers=2) == 1.0
+    assert tokenization.pool_fill([10, 10, 10], workers=2) == 0.75  # the third shard runs while one worker idles
+    assert tokenization.pool_fill([10, 5, 5], workers=2) == 1.0
+    assert tokenization.pool_fill([10], workers=4) == 0.25
