@@ -36,6 +36,9 @@ Run from the repository root (one at a time: the numbers are for a machine doing
     .venv/bin/python benchmarks/bench_scale.py --corpora 300mb --engine both
     .venv/bin/python benchmarks/bench_scale.py --corpora none --synthetic-gb 5 --engine processes
 
+`--stages` runs some of the stages: ingest,validate --keep leaves their outputs, and a later --stages dedup (with
+--keep again, to go on) measures dedup alone on them.
+
 Prints one markdown table per engine and merges its rows into benchmarks/results/scale.json (gitignored), keyed by
 corpus, engine and stage, so the runs above add up to one file.
 """
@@ -377,7 +380,12 @@ def measure(stage: str, engine: str, source: str, paths: dict[str, str], params_
 
 def run_corpus(info: dict, engines: list[str], stages: list[str], work: Path, params_file: Path, timeout_s: float, keep: bool) -> list[dict]:
     run_dir = work / "runs" / info["name"]
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if stages[0] == STAGES[0]:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:  # later stages alone: on what a --keep run left (each stage replaces only its own outputs)
+        upstream = run_dir / "processes" / STAGE_INPUT[stages[0]]
+        if not upstream.is_dir():
+            raise SystemExit(f"--stages {','.join(stages)}: {upstream} is missing; run the stages before it with --keep first")
     both = len(engines) == 2
     rows = []
     for engine in engines:
@@ -477,7 +485,8 @@ def main() -> None:
     ap.add_argument("--corpora", default="stdlib,100mb,300mb,850mb", help="comma-separated: stdlib, <N>mb; none for only --synthetic-gb")
     ap.add_argument("--synthetic-gb", type=float, default=0, help="also a synthetic corpus of this many GB of text")
     ap.add_argument("--engine", choices=["processes", "ray", "both"], default="processes")
-    ap.add_argument("--stages", default=",".join(STAGES), help="a prefix of ingest,validate,dedup,tokenize")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="consecutive stages of ingest,validate,dedup,tokenize; not starting at ingest, they read the outputs a --keep run left")
     ap.add_argument("--work", default="/tmp/llmops-scale", help="corpora cache and stage outputs")
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs (runs/<corpus>/) after the run")
     ap.add_argument("--timeout-s", type=float, default=3600, help="per stage; a stage past it is killed and reported failed")
@@ -493,8 +502,9 @@ def main() -> None:
     params_file = work / "params.yaml"
     shutil.copyfile(ROOT / "params.yaml", params_file)
     stages = [s for s in args.stages.split(",") if s]
-    if stages != list(STAGES[: len(stages)]):
-        raise SystemExit(f"--stages: expected a prefix of {','.join(STAGES)}, got {args.stages}")
+    first = STAGES.index(stages[0]) if stages and stages[0] in STAGES else -1
+    if first < 0 or stages != list(STAGES[first : first + len(stages)]):
+        raise SystemExit(f"--stages: expected consecutive stages of {','.join(STAGES)}, got {args.stages}")
     engines = ["processes", "ray"] if args.engine == "both" else [args.engine]
     names = [n for n in args.corpora.split(",") if n and n != "none"]
     if args.synthetic_gb:

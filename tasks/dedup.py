@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, record_shards
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, iter_rows, record_shards
 from llmops.common.progress import progress
 from llmops.common.results import StageResult
 from llmops.data.minhash import (
@@ -89,7 +88,7 @@ def _write_split(cfg: DedupConfig, shards: list[Path], offsets: np.ndarray, remo
     for k, shard in enumerate(progress(shards, desc="dedup: writing", unit="shard")):
         lo, hi = np.searchsorted(removed.positions, [offsets[k], offsets[k + 1]])
         here = {int(p): i for i, p in enumerate(removed.positions[lo:hi], start=lo)}
-        for position, row in enumerate(pq.read_table(shard).to_pylist(), start=int(offsets[k])):
+        for position, row in enumerate(iter_rows(shard), start=int(offsets[k])):
             if position in targets:
                 ids_of[position] = row["id"]
             i = here.get(position)

@@ -189,6 +189,15 @@ class ShardWriter:
         return self.shards
 
 
+ROW_BATCH = 256  # rows of a shard turned into Python dicts at a time (iter_rows)
+
+
+def iter_rows(shard: Path) -> Iterator[dict[str, Any]]:
+    """The rows of one Parquet shard as dicts, in order, ROW_BATCH at a time: memory holds a batch, not the shard."""
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=ROW_BATCH):
+        yield from batch.to_pylist()
+
+
 def record_shards(in_dir: Path, prefix: str = "part") -> list[Path]:
     """The shards a stage wrote, in order; a missing or empty directory is a clear StageError, not an empty list."""
     in_dir = Path(in_dir)

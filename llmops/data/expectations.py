@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmops.common import env
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, iter_rows
 from llmops.common.progress import progress
 from llmops.data.engine import map_jobs
 from llmops.params.validate import ValidateConfig
@@ -226,7 +226,6 @@ def validate_shards(
     `quarantine_dir` (each record that failed carries the names of what it failed) through shard writers: memory
     holds the profile and one shard, never the corpus. The output directories must be temp directories (atomic_dir).
     """
-    import pyarrow.parquet as pq
 
     profiles = map_jobs(profile_shard, [(shard,) for shard in shards], workers=cfg.workers, desc="validate: profiling")
     profile = pd.concat(profiles, ignore_index=True) if profiles else profile_records(RECORD_SCHEMA.empty_table())
@@ -234,15 +233,14 @@ def validate_shards(
         per_expectation, failures = run_suite(profile, cfg, docs_tmp)
     valid = ShardWriter(valid_dir, shard_max_bytes=cfg.shard_max_bytes)
     quarantine = ShardWriter(quarantine_dir, shard_max_bytes=cfg.shard_max_bytes, schema=QUARANTINE_SCHEMA)
-    offset = 0
+    position = 0
     for shard in progress(shards, desc="validate: splitting", unit="shard"):
-        table = pq.read_table(shard)
-        for position, row in enumerate(table.to_pylist(), start=offset):
+        for row in iter_rows(shard):
             if position in failures:
                 quarantine.add(row | {"failed_expectations": json.dumps(failures[position])})
             else:
                 valid.add(row)
-        offset += table.num_rows
+            position += 1
     valid.close()
     quarantine.close()
     return len(profile), quarantine.rows, per_expectation

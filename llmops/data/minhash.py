@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from llmops.data.engine import imap_jobs, map_jobs
 from llmops.params.dedup import DedupConfig
 
 SIGNATURE_CHUNK_DOCS = 64  # texts per task when signatures of an in-memory list are spread over processes
-SHARD_BATCH_DOCS = 256  # documents of a shard held as shingles at once
+SHARD_BATCH_DOCS = 64  # documents of a shard held as shingles at once (256: 1.18x the peak memory of a worker, same speed)
 VERIFY_CHUNK_PAIRS = 65_536
-VERIFY_COLUMN_PAIRS = 4_194_304  # pairs verified per read of every permutation from disk
+VERIFY_COLUMN_PAIRS = 1_048_576  # pairs verified per read of every permutation from disk
+CANDIDATE_CHUNK_PAIRS = 1_048_576  # LSH candidate pairs generated, then verified, at a time
 
 
 def normalize(text: str) -> str:
@@ -246,19 +248,33 @@ def exact_firsts(keys: np.ndarray) -> np.ndarray:
 
 def band_pairs(sigs: Signatures, positions: np.ndarray, band: int, rows: int) -> np.ndarray:
     """(i, j) positions, i < j, of documents in `positions` whose signatures agree on band `band` (a sort by band key)."""
+    found = list(band_pair_chunks(sigs, positions, band, rows))
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def band_pair_chunks(sigs: Signatures, positions: np.ndarray, band: int, rows: int) -> Iterator[np.ndarray]:
+    """band_pairs in chunks of about CANDIDATE_CHUNK_PAIRS pairs (a bucket's pairs are never split), so the candidates of a
+    band with large buckets are never all in memory at once."""
     lo, hi = band * rows, (band + 1) * rows
     block = sigs.columns(lo, hi) if isinstance(sigs, SignatureColumns) else sigs[:, lo:hi]
     slices = np.ascontiguousarray(block[positions]).view(np.dtype((np.void, rows * 4))).reshape(-1)
+    del block
     order = np.argsort(slices, kind="stable")
     ordered = slices[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     ends = np.r_[starts[1:], len(ordered)]
-    found = []
+    del slices, ordered
+    found, size = [], 0
     for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
         members = np.sort(positions[order[start:end]])
         i, j = np.triu_indices(len(members), k=1)
-        found.append(np.stack([members[i], members[j]], axis=1))
-    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
+        found.append(np.stack([members[i], members[j]], axis=1).astype(np.int64))
+        size += len(i)
+        if size >= CANDIDATE_CHUNK_PAIRS:
+            yield np.concatenate(found)
+            found, size = [], 0
+    if found:
+        yield np.concatenate(found)
 
 
 def similarity(sigs: Signatures, pairs: np.ndarray) -> np.ndarray:
@@ -272,24 +288,30 @@ def similarity(sigs: Signatures, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def near_duplicate_pairs(cfg: DedupConfig, sigs: Signatures, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Verified near-duplicate pairs among `positions`: (pairs (i, j) with i < j, their estimated Jaccard).
+def near_duplicate_pairs(cfg: DedupConfig, sigs: Signatures, positions: np.ndarray) -> np.ndarray:
+    """Verified near-duplicate pairs (i, j), i < j, among `positions`, ordered by (i, j).
 
-    Band by band, each band's new candidates are verified at once and only the verified pairs are kept (as one
-    int64 code i * n + j each), so memory follows the verified pairs, not every candidate of every band; the
-    result is the same as verifying the union of all bands' candidates."""
+    Band by band, a chunk of candidates at a time, the candidates not verified yet are verified and only the
+    verified pairs are kept (as one int64 code i * n + j each, in sorted runs), so memory follows the verified pairs
+    and one chunk of candidates, not every candidate of every band; the result is the same as verifying the union
+    of all bands' candidates."""
     bands = lsh_bands(cfg.threshold, cfg.num_perm)
     rows, n = cfg.num_perm // bands, max(len(sigs), 1)
-    verified = np.zeros(0, dtype=np.int64)
+    verified: list[np.ndarray] = []  # sorted, disjoint runs of codes
     for band in range(bands):
-        pairs = band_pairs(sigs, positions, band, rows)
-        codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
-        codes = codes[~np.isin(codes, verified, assume_unique=True)]
-        if len(codes):
-            sims = similarity(sigs, np.stack([codes // n, codes % n], axis=1))
-            verified = np.union1d(verified, codes[sims >= cfg.threshold])
-    pairs = np.stack([verified // n, verified % n], axis=1)
-    return pairs, similarity(sigs, pairs)
+        for pairs in band_pair_chunks(sigs, positions, band, rows):
+            codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
+            del pairs
+            for run in verified:
+                at = np.searchsorted(run, codes).clip(max=len(run) - 1)
+                codes = codes[run[at] != codes]
+            if len(codes):
+                sims = similarity(sigs, np.stack([codes // n, codes % n], axis=1))
+                if (sims >= cfg.threshold).any():
+                    verified.append(codes[sims >= cfg.threshold])
+        verified = [np.sort(np.concatenate(verified))] if len(verified) > 1 else verified  # one run per band
+    codes = verified[0] if verified else np.zeros(0, dtype=np.int64)
+    return np.stack([codes // n, codes % n], axis=1)
 
 
 def clusters_keep_first(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -330,7 +352,7 @@ def find_duplicates_in(cfg: DedupConfig, index: DocIndex) -> Removed:
     firsts = exact_firsts(index.keys)
     exact = np.flatnonzero(firsts != np.arange(n))
     survivors = np.flatnonzero((firsts == np.arange(n)) & index.has_shingles)
-    pairs, _ = near_duplicate_pairs(cfg, index.sigs, survivors)
+    pairs = near_duplicate_pairs(cfg, index.sigs, survivors)
     roots = clusters_keep_first(n, pairs)
     near = np.flatnonzero(roots != np.arange(n))  # never an exact duplicate: those are in no pair
     near_sims = similarity(index.sigs, np.stack([near, roots[near]], axis=1)) if len(near) else np.zeros(0)

@@ -81,7 +81,7 @@ def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: 
     exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
     texts = train_texts + batch_texts
     sigs = signatures(cfg, texts) if train_sigs is None else np.concatenate([np.asarray(train_sigs), signatures(cfg, batch_texts)])
-    pairs, _ = near_duplicate_pairs(cfg, sigs, np.flatnonzero([bool(t.split()) for t in texts]))
+    pairs = near_duplicate_pairs(cfg, sigs, np.flatnonzero([bool(t.split()) for t in texts]))
     n = len(train_texts)
     near = {int(j) - n for i, j in pairs if i < n <= j}
     return len(exact | near) / len(batch_texts)

@@ -161,3 +161,19 @@ def test_signatures_on_disk_give_the_bands_and_similarities_of_the_matrix(tmp_pa
     pairs = minhash.band_pairs(sigs, positions, 1, 2)
     assert len(pairs) and np.array_equal(minhash.band_pairs(store, positions, 1, 2), pairs)
     assert np.array_equal(store.similarity(pairs), minhash.similarity(sigs, pairs))
+
+
+def test_small_candidate_and_verification_chunks_give_the_same_duplicates(tmp_path, planted_corpus, monkeypatch):
+    texts, _ = planted_corpus
+    texts = texts + texts[:4]
+    cfg = DedupConfig(workers=1)
+    whole = minhash.find_duplicates(cfg, texts)
+    monkeypatch.setattr(minhash, "CANDIDATE_CHUNK_PAIRS", 2)
+    monkeypatch.setattr(minhash, "VERIFY_COLUMN_PAIRS", 3)
+    ids = [f"doc{i}" for i in range(len(texts))]
+    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
+    write_records(tmp_path / "validated", table, shard_max_bytes=50_000)
+    dedup.run(cfg, project_paths(tmp_path, validated="validated", dedup="dedup", duplicates="dups"))
+    report = {r["id"]: (r["duplicate_of"], r["kind"], r["similarity"]) for r in read_records(tmp_path / "dups").to_pylist()}
+    assert report == {ids[p]: (ids[k], kind, sim) for p, (k, kind, sim) in whole.items()}
+    assert minhash.find_duplicates(cfg, texts) == whole and sum(kind == "near" for _, kind, _ in whole.values()) > PLANTED // 2

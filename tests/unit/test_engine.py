@@ -1,17 +1,19 @@
-"""The data stages' shard jobs: a process pool by default, Ray (local or a cluster at RAY_ADDRESS) on request, with
-byte-identical outputs either way, on a real two-node Ray cluster too."""
+"""The data stages' jobs (ingest's splits, validate's, dedup's and tokenize's shards): a process pool by default, Ray
+(local or a cluster at RAY_ADDRESS) on request, with byte-identical outputs either way, on a real two-node Ray cluster too."""
 
 import hashlib
+import json
 import random
 
-import pyarrow as pa
 import pytest
 
-from llmops.common.io import RECORD_SCHEMA, write_records
 from llmops.data import engine
 from llmops.params.dedup import DedupConfig
+from llmops.params.ingest import IngestConfig
+from llmops.params.model import ModelConfig
+from llmops.params.tokenize import TokenizeConfig
 from llmops.params.validate import ValidateConfig
-from tasks import dedup, validate
+from tasks import dedup, ingest, tokenize, validate
 
 from ..conftest import perturb, project_paths, random_document
 
@@ -44,42 +46,48 @@ def test_an_unknown_engine_is_a_clear_error(monkeypatch):
 
 
 def _corpus(root, vocabulary):
+    """A JSONL corpus (near and exact duplicates, an empty text, control characters, a malformed line, blank lines)."""
     rng = random.Random(5)
     texts = [random_document(rng, vocabulary, 300) for _ in range(60)]
     texts += [perturb(rng, texts[i], vocabulary, 0.02) for i in range(10)] + texts[:3] + ["", "\x00\x01 bad"]
-    ids = [f"doc{i}" for i in range(len(texts))]
-    table = pa.table({"id": ids, "text": texts, "source": ids, "meta": ["{}"] * len(texts), "ingest_error": [None] * len(texts)}, schema=RECORD_SCHEMA)
-    write_records(root / "data" / "raw", table, shard_max_bytes=15_000)
+    lines = [json.dumps({"id": f"doc{i}", "text": t}) for i, t in enumerate(texts)]
+    lines[40:40] = ["", "{not json"]
+    (root / "corpus.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def _stages(root) -> dict[str, str]:
+    """The four data stages on many small splits and shards; the md5 of every file they write."""
     paths = project_paths(root)
+    ingested = ingest.run(IngestConfig(source="corpus.jsonl", split_bytes=20_000, shard_max_bytes=15_000, workers=2), paths).metrics
+    assert ingested["splits"] >= 4 and ingested["records_with_ingest_error"] == 1 and ingested["blank_lines"] == 2
     validate.run(ValidateConfig(min_pass_rate=0.5, shard_max_bytes=15_000, workers=2), paths)
     dedup.run(DedupConfig(workers=2, shard_max_bytes=15_000), paths)
+    tokenize.run(TokenizeConfig(vocab_size=400, workers=2), ModelConfig(), paths)
     out = {}
-    for folder in (paths.validated, paths.quarantine, paths.dedup, paths.duplicates):
+    for folder in (paths.raw, paths.validated, paths.quarantine, paths.dedup, paths.duplicates, paths.tokens, paths.tokenizer):
         for p in sorted(folder.iterdir()):
             out[f"{folder.name}/{p.name}"] = hashlib.md5(p.read_bytes()).hexdigest()
     return out
 
 
-def test_validate_and_dedup_on_a_two_node_ray_cluster_match_the_local_run_byte_for_byte(tmp_path, vocabulary, monkeypatch):
+def test_the_four_data_stages_on_a_two_node_ray_cluster_match_the_local_run_byte_for_byte(tmp_path, vocabulary, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
     for name in ("local", "ray"):
-        _corpus(tmp_path / name, vocabulary)
+        _corpus(tmp_path / name / "project", vocabulary)  # one folder name: records are labelled by it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("LLMOPS_DATA_ENGINE", raising=False)
-    local = _stages(tmp_path / "local")
-    assert len(list((tmp_path / "local" / "data" / "raw").glob("*.parquet"))) >= 8
+    local = _stages(tmp_path / "local" / "project")
+    assert len(list((tmp_path / "local" / "project" / "data" / "raw").glob("*.parquet"))) >= 8
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-        on_ray = _stages(tmp_path / "ray")
+        on_ray = _stages(tmp_path / "ray" / "project")
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         assert len(set(engine.map_jobs(node_of, [(0.5,)] * 6))) == 2  # jobs really ran on both nodes
         assert ray.is_initialized() and ray.get_runtime_context().gcs_address == cluster.address
@@ -88,3 +96,4 @@ def test_validate_and_dedup_on_a_two_node_ray_cluster_match_the_local_run_byte_f
         cluster.shutdown()
     assert on_ray == local
     assert any(k.startswith("duplicates/") for k in local) and "dedup/minhash.npy" in local
+    assert {"tokens/train.bin", "tokens/val.bin", "tokenizer/tokenizer.json", "quarantine/part-00000.parquet"} <= set(local)
