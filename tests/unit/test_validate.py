@@ -120,3 +120,21 @@ def test_pass_rate_under_the_threshold_fails_and_still_writes_the_quarantine(tmp
     assert str(tmp_path / "quarantine") in message
     assert read_records(tmp_path / "quarantine").num_rows == 6
     assert not (tmp_path / "ok").exists()  # nothing half-done is left as the validated output
+
+
+def test_one_or_two_workers_over_many_small_shards_write_the_same_bytes(tmp_path):
+    import hashlib
+
+    rows = [{"id": f"doc{i}", "text": f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 7)} for i in range(120)]
+    rows += [{"id": "doc3", "text": "a second doc3"}, {"id": "nul", "text": "bad\x00text"}]
+    write_jsonl(tmp_path / "corpus.jsonl", rows)
+    ingest.run(IngestConfig(source=str(tmp_path / "corpus.jsonl"), shard_max_bytes=400), project_paths(tmp_path, raw="raw"))
+    assert len(list((tmp_path / "raw").glob("part-*.parquet"))) > 10
+    outputs = []
+    for workers in (1, 2):
+        paths = project_paths(tmp_path, raw="raw", validated=f"ok{workers}", quarantine=f"q{workers}", reports=f"reports{workers}")
+        metrics = validate.run(ValidateConfig(min_pass_rate=0.5, shard_max_bytes=400, workers=workers), paths).metrics
+        files = {f"{d.name[:-1]}/{p.name}": hashlib.md5(p.read_bytes()).hexdigest() for d in (paths.validated, paths.quarantine) for p in sorted(d.iterdir())}
+        outputs.append((metrics, files))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0]["quarantined"] == 3 and len(outputs[0][1]) > 10  # both doc3 records and the NUL one
