@@ -246,15 +246,10 @@ def exact_firsts(keys: np.ndarray) -> np.ndarray:
     return first[inverse.reshape(-1)].astype(np.int64)
 
 
-def band_pairs(sigs: Signatures, positions: np.ndarray, band: int, rows: int) -> np.ndarray:
-    """(i, j) positions, i < j, of documents in `positions` whose signatures agree on band `band` (a sort by band key)."""
-    found = list(band_pair_chunks(sigs, positions, band, rows))
-    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
-
-
 def band_pair_chunks(sigs: Signatures, positions: np.ndarray, band: int, rows: int) -> Iterator[np.ndarray]:
-    """band_pairs in chunks of about CANDIDATE_CHUNK_PAIRS pairs (a bucket's pairs are never split), so the candidates of a
-    band with large buckets are never all in memory at once."""
+    """(i, j) positions, i < j, of documents in `positions` whose signatures agree on band `band` (a sort by band key),
+    in chunks of about CANDIDATE_CHUNK_PAIRS pairs (a bucket's pairs are never split), so the candidates of a band
+    with large buckets are never all in memory at once."""
     lo, hi = band * rows, (band + 1) * rows
     block = sigs.columns(lo, hi) if isinstance(sigs, SignatureColumns) else sigs[:, lo:hi]
     slices = np.ascontiguousarray(block[positions]).view(np.dtype((np.void, rows * 4))).reshape(-1)
