@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llmops.common.progress import progress
 from llmops.data.engine import imap_jobs, map_jobs
 from llmops.params.dedup import DedupConfig
 
@@ -85,16 +83,10 @@ def digest_matrix(engine: str, texts: list[str], shingle_words: int, num_perm: i
 
 
 def signatures(cfg: DedupConfig, texts: list[str]) -> np.ndarray:
-    """Signatures of an in-memory list of texts, in chunks across worker processes (shingling is Python-bound)."""
-    workers = cfg.workers or os.cpu_count() or 1
-    chunks = [texts[i : i + SIGNATURE_CHUNK_DOCS] for i in range(0, len(texts), SIGNATURE_CHUNK_DOCS)]
-    args = (cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed)
-    if workers == 1 or len(chunks) <= 1:
-        parts = [digest_matrix(args[0], chunk, *args[1:]) for chunk in progress(chunks, desc="dedup: minhash", unit="chunk")]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(digest_matrix, args[0], chunk, *args[1:]) for chunk in chunks]
-            parts = [f.result() for f in progress(futures, desc="dedup: minhash", unit="chunk")]
+    """Signatures of an in-memory list of texts, in chunks as engine jobs (shingling is Python-bound)."""
+    jobs = [(cfg.engine, texts[i : i + SIGNATURE_CHUNK_DOCS], cfg.shingle_words, cfg.num_perm, cfg.seed) for i in range(0, len(texts), SIGNATURE_CHUNK_DOCS)]
+    workers = 1 if len(jobs) <= 1 else cfg.workers
+    parts = map_jobs(digest_matrix, jobs, workers=workers, desc="dedup: minhash")
     return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), dtype=np.uint32)
 
 
