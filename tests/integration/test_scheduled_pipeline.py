@@ -171,12 +171,24 @@ def test_a_deployment_run_completes_and_the_mlflow_server_holds_its_runs(stack, 
 
 
 def stage_process(repo: Path, stage: str) -> psutil.Process | None:
-    """The live `llmops stage <stage>` process working in this checkout, if any."""
-    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+    """The live `llmops stage <stage>` process working in this checkout, if any (not one of the workers it forked,
+    which share its command line)."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "cwd", "status", "ppid"]):
         cmdline = proc.info["cmdline"] or []
         if proc.info["status"] != psutil.STATUS_ZOMBIE and proc.info["cwd"] == str(repo) and cmdline[-2:] == ["stage", stage]:
-            return proc
-    return None
+            found[proc.pid] = proc
+    return next((proc for proc in found.values() if proc.info["ppid"] not in found), None)
+
+
+def pending_signals(pid: int) -> set[signal.Signals]:
+    """The signals sent to process `pid` and not yet delivered (it is stopped): ShdPnd of /proc/<pid>/status."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return set()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("ShdPnd:")), 16)
+    return {signal.Signals(n) for n in range(1, 32) if mask & (1 << (n - 1))}
 
 
 def running_stage_run(stack: Stack, flow_run_id: str, stage: str):
@@ -205,7 +217,13 @@ def test_a_worker_killed_mid_stage_crashes_the_run_and_the_next_run_resumes_from
     crashed_id = run_deployment(stack, repo, to_stage="tokenize", overrides=overrides)
     # Mid-stage: its process is up and its MLflow run has started (before that, it is still importing).
     poll(lambda: running_stage_run(stack, crashed_id, "tokenize"), RUN_TIMEOUT_S, "the tokenize stage never started", interval_s=0.1, proc=worker.proc, log=worker.log)
+    # Frozen until the flow's stop signal is waiting for it, so the stage cannot finish (and DVC record it) in the
+    # moment between the worker's death and the flow noticing it.
+    stage = poll(lambda: stage_process(repo, "tokenize"), 30, "the tokenize stage process never showed up", interval_s=0.05)
+    stage.suspend()
     os.kill(worker.proc.pid, signal.SIGKILL)
+    poll(lambda: signal.SIGINT in pending_signals(stage.pid), 60, "the flow never signalled its stage after the worker was killed", interval_s=0.05)
+    stage.resume()
 
     crashed = wait_for_state(stack, crashed_id, timeout_s=120)
     assert crashed["state_type"] == "CRASHED", f"flow run ended {crashed['state_type']}: {crashed['state']['message']}"
