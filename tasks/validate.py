@@ -1,7 +1,8 @@
 """validate: the Great Expectations data contract on data/raw; writes data/validated/, data/quarantine/ (each
 rejected record with the expectations it failed) and Data Docs. Fails under `validate.min_pass_rate`.
 
-Shards stream through (see expectations.validate_shards): memory holds one shard and the per-record profile."""
+Both GX suites run per shard in parallel and their counts merge into whole-corpus results and Data Docs (see
+expectations.validate_shards): memory holds a few shards and the failing rows' rule names, not a per-record profile."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class ValidateConfig(Section):
     min_alnum_ratio: float = Field(0.05, ge=0, le=1)
     min_pass_rate: float = Field(0.95, ge=0, le=1)
     shard_max_bytes: int = Field(16_000_000, gt=0)
-    workers: int = Field(0, ge=0)  # shards profiled at once (local processes); 0 = one per CPU core
+    workers: int = Field(0, ge=0)  # shards checked at once (profile + both GX suites; local processes, or Ray tasks); 0 = one per CPU core
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:

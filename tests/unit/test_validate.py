@@ -76,7 +76,7 @@ def test_duplicate_ids_are_both_quarantined_as_ambiguous(validated):
     root, _, quarantined = validated
     dup_rows = [r for r in read_records(root / "quarantine").to_pylist() if r["id"] == "dup"]
     assert len(dup_rows) == 2
-    assert all("expect_column_values_to_be_unique(id)" in r["failed_expectations"] for r in dup_rows)
+    assert all("id_unique: expect_column_values_to_be_between(id_count, max_value=1)" in r["failed_expectations"] for r in dup_rows)
 
 
 def test_pass_rate_and_failed_rows_are_reported_per_rule(validated):
