@@ -11,8 +11,9 @@ one that benchmarks/bench_scale.py kept (`--keep`); without --run/--dedup it use
   bare-fast   the same with `encode_batch_fast` (no character offsets)
   llmops      `llmops.data.tokenizer.encode_shards`, the stage's whole encode pass: one map_jobs job per shard
               (load the saved tokenizer, read the shard, encode, pack with EOS, split train / validation, count
-              unigrams, write part files), then the parts appended into train.bin / val.bin (in a temporary
-              directory); Parquet reads, worker start-up and the appending are inside its time
+              unigrams, write part files and hash them), then the parts renamed into the token shards and
+              manifest.json written (in a temporary directory); Parquet reads, worker start-up and the writes are
+              inside its time
   llmops-1    the same with workers=1 (one process, tokenizers' threads on every core), when `--workers` (the
               stage's tokenize.workers, default 0 = its own choice) picks more than one
 
@@ -67,8 +68,8 @@ def bare(tokenizer_json: Path, batches: list[list[str]], fast: bool) -> tuple[fl
 def ours(tokenizer_dir: Path, shards: list[Path], batch_docs: int, is_val: np.ndarray, workers: int) -> tuple[float, int, str]:
     from llmops.data.tokenizer import encode_shards
 
-    with tempfile.TemporaryDirectory() as tmp, open(f"{tmp}/train.bin", "wb") as train, open(f"{tmp}/val.bin", "wb") as val:
-        encoded = encode_shards(tokenizer_dir, shards, is_val, batch_docs, {False: train, True: val}, Path(tmp) / ".parts", workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        encoded = encode_shards(tokenizer_dir, shards, is_val, batch_docs, Path(tmp), workers)
     return encoded.seconds, encoded.tokens[False] + encoded.tokens[True] - len(is_val), encoded.ran_on  # minus the EOS ids it adds
 
 

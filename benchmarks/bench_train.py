@@ -1,7 +1,7 @@
 """Tokens/s of our pretrain stage against a bare transformers Trainer loop on the same model, data and steps.
 
 Both sides train the `pretrain.preset` model of params.yaml (tiny by default) from scratch on the repo's
-data/tokens/train.bin with the same seed, batch_size, seq_len, lr schedule and number of optimizer steps,
+data/tokens train split (its token shards, read through llmops.data.token_shards) with the same seed, batch_size, seq_len, lr schedule and number of optimizer steps,
 on the CPU of this machine:
 
   ours    the real stage: `llmops.common.runner.run_stage("pretrain", params, track=True)`, in a temp project dir
@@ -10,7 +10,7 @@ on the CPU of this machine:
           temp sqlite store (MLFLOW_TRACKING_URI), per-step metrics, checkpoints every train.save_every
           steps with completion markers, the held-out eval, the final save, the loss curve, artifact logging.
   bare    AutoConfig.for_model + AutoModelForCausalLM.from_config, a 20-line Dataset of seq_len blocks over
-          the same memmap (same seeded block order), TrainingArguments(report_to="none", save_strategy="no",
+          the same token shards (same seeded block order), TrainingArguments(report_to="none", save_strategy="no",
           same logging_steps/lr/schedule/batch/max_steps, use_cpu=True) and Trainer(...).train(). Nothing else.
   litgpt  (peer, optional) litgpt's own `litgpt.pretrain.setup` recipe (Fabric loop, torch.compile, which
           it always applies, one final eval over as many batches as ours scores, its final checkpoint) on a
@@ -205,7 +205,7 @@ def child_ours(shape: dict, workdir: Path) -> dict:
     timers.wrap(runtime, "plot_loss_curve", "loss curve")
     timers.wrap(runtime, "cleanup_checkpoints", "checkpoint cleanup")
     # The stage module imports its digests by name (`from llmops.common.fingerprints import ...`): wrapped where it looks them up.
-    timers.wrap(pretrain, "file_sha256", "train.bin sha256")
+    timers.wrap(pretrain, "file_sha256", "token manifest sha256")
     timers.wrap(pretrain, "directory_digest", "tokenizer sha256")
     timers.wrap(tracking, "log_result", "mlflow artifacts+metrics")
     timers.wrap_context(tracking, "stage_run", "mlflow run start (params, inputs)", "mlflow run end")
@@ -252,6 +252,8 @@ def child_bare(shape: dict, workdir: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
+    from llmops.data.token_shards import TokenShards
+
     tokens_dir = ROOT / "data" / "tokens"
     meta = json.loads((tokens_dir / "meta.json").read_text())
     tok_cfg = json.loads((ROOT / "models" / "tokenizer" / "tokenizer.json").read_text())
@@ -260,7 +262,7 @@ def child_bare(shape: dict, workdir: Path) -> dict:
 
     class Blocks(torch.utils.data.Dataset):
         def __init__(self) -> None:
-            self.tokens = np.memmap(tokens_dir / "train.bin", dtype=meta["dtype"], mode="r")
+            self.tokens = TokenShards(tokens_dir, "train")
             self.order = np.random.default_rng(shape["seed"]).permutation(len(self.tokens) // seq_len)
 
         def __len__(self) -> int:
@@ -318,7 +320,7 @@ def child_bare(shape: dict, workdir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- litgpt
 
 # Runs under the litgpt venv's python (argv: shape json, workdir, repo root). litgpt's pretrain recipe
-# wants a DataModule; this one serves the same seeded seq_len blocks of train.bin (litgpt shifts
+# wants a DataModule; this one serves the same seeded seq_len blocks of the train split (litgpt shifts
 # input/target itself, so a block is seq_len + 1 tokens) instead of litdata's streaming dataset.
 LITGPT_CHILD = textwrap.dedent(
     r'''
@@ -336,14 +338,16 @@ LITGPT_CHILD = textwrap.dedent(
     from litgpt.data import DataModule
 
     shape, workdir, root = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    sys.path.insert(0, str(root))  # the token shard reader: numpy and the standard library only
+    from llmops.data.token_shards import TokenShards
     # litgpt's checkpoint save re-parses sys.argv as its CLI's (save_hyperparameters): give it a CLI-like line.
     sys.argv = [sys.argv[0], "bench-tiny"]
     meta = json.loads((root / "data/tokens/meta.json").read_text())
     seq_len, batch = shape["seq_len"], shape["batch_size"]
 
     class Blocks(torch.utils.data.Dataset):
-        def __init__(self, path, seed):
-            self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+        def __init__(self, split, seed):
+            self.tokens = TokenShards(root / "data/tokens", split)
             n = (len(self.tokens) - 1) // seq_len
             self.order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
 
@@ -365,10 +369,10 @@ LITGPT_CHILD = textwrap.dedent(
             self.seq_length = max_seq_length
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(Blocks(root / "data/tokens/train.bin", self.seed), batch_size=self.batch_size, shuffle=False, num_workers=0)
+            return torch.utils.data.DataLoader(Blocks("train", self.seed), batch_size=self.batch_size, shuffle=False, num_workers=0)
 
         def val_dataloader(self):
-            return torch.utils.data.DataLoader(Blocks(root / "data/tokens/val.bin", None), batch_size=self.batch_size, shuffle=False, num_workers=0)
+            return torch.utils.data.DataLoader(Blocks("val", None), batch_size=self.batch_size, shuffle=False, num_workers=0)
 
     p = shape["preset"]
     config = Config(

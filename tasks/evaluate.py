@@ -5,7 +5,7 @@ fine-tune eval split, and the lm-evaluation-harness tasks in evaluate.lm_eval (m
 The base model gets the same perplexity, HumanEval and doctest scores (`base_*`) for comparison: the NLL, syntax and
 doctest scores move at sizes where pass@1 is 0 for every model.
 
-Reads models/finetune/ (and the pretrained base), data/tokens/val.bin, data/dedup and data/instructions/eval.jsonl; writes
+Reads models/finetune/ (and the pretrained base), data/tokens/ (the val token shards), data/dedup and data/instructions/eval.jsonl; writes
 reports/evaluate/samples.jsonl (every generation with its verdict) and reports/evaluate/lm_eval.json (lm-eval's full
 results), logs the samples as an MLflow table, and returns the metrics the runner writes to metrics/eval.json.
 """

@@ -1,8 +1,9 @@
 """pretrain: a causal LM from a transformers config (Llama-style by default, or a mixture of experts),
-trained from scratch on the packed token arrays of `tokenize` with transformers' Trainer.
+trained from scratch on the token shards of `tokenize` with transformers' Trainer.
 
-Reads data/tokens/ and models/tokenizer/; writes models/pretrain/ (HF format: config.json,
-model.safetensors, generation_config.json, tokenizer) and reports/pretrain/loss_curve.png.
+Reads data/tokens/ (the train and val token shards, memory-mapped) and models/tokenizer/; writes
+models/pretrain/ (HF format: config.json, model.safetensors, generation_config.json, tokenizer) and
+reports/pretrain/loss_curve.png.
 Resumable: checkpoints (weights, optimizer, scheduler, RNG, data position) go to
 checkpoints/pretrain/<run key>/ every `train.save_every` steps; re-running after a kill continues
 from the newest complete one. The run key hashes params, data and model, so a changed run never
@@ -41,6 +42,7 @@ def run(cfg: PretrainConfig, train: TrainConfig, model: ModelConfig, paths: Path
 def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: Path) -> StageResult:
     from transformers import AutoTokenizer, default_data_collator, set_seed
 
+    from llmops.data.token_shards import MANIFEST, TokenShards
     from llmops.training import runtime
     from llmops.training.data import TokenBlocks, load_token_meta
     from llmops.training.model import build_config, build_model, flops_per_token, parameter_count
@@ -62,16 +64,16 @@ def _pretrain(cfg: PretrainConfig, train: TrainConfig, paths: PathsConfig, out: 
 
     # Blocks are fixed-length and never padded: stack them as they are (the Trainer's default for a
     # tokenizer, DataCollatorWithPadding, costs ~16 ms a batch and adds an all-ones attention mask).
-    train_ds = TokenBlocks(tokens_dir / "train.bin", meta["dtype"], cfg.seq_len, seed=train.seed)
+    train_ds = TokenBlocks(TokenShards(tokens_dir, "train"), cfg.seq_len, seed=train.seed)
     eval_ds = None
     if meta["val_tokens"] >= cfg.seq_len:
-        eval_ds = TokenBlocks(tokens_dir / "val.bin", meta["dtype"], cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
+        eval_ds = TokenBlocks(TokenShards(tokens_dir, "val"), cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
     world = runtime.world_size()
     step_tokens = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     optim = runtime.Optim.of(cfg, max_steps=max(1, math.ceil(cfg.token_budget / step_tokens)))
     run_dir = runtime.checkpoint_dir(
         paths.checkpoints, "pretrain", cfg, train, model=config.to_dict(),
-        tokens=meta["tokenizer_sha256"], train_bin=file_sha256(tokens_dir / "train.bin"),
+        tokens=meta["tokenizer_sha256"], token_manifest=file_sha256(tokens_dir / MANIFEST),  # it holds every shard's sha256
     )
     n_params = parameter_count(lm)
     non_embedding = parameter_count(lm, non_embedding=True)

@@ -61,7 +61,7 @@ def run(cfg: QuantizeConfig, evaluate: EvaluateConfig, paths: PathsConfig) -> St
         rows = [base] + [{**compare(score(s, tmp / s, cfg, evaluate, tokens, prompt), base, cfg), "quantize_seconds": seconds[s]} for s in schemes]
         notes = [
             f"Baseline: {paths.relative(model_dir)} (unquantized); every row measured in this run on the same data: held-out perplexity "
-            f"({evaluate.eval_tokens or 'all'} tokens of {paths.relative(tokens / 'val.bin')}, blocks of {evaluate.seq_len})"
+            f"({evaluate.eval_tokens or 'all'} tokens of the val split in {paths.relative(tokens)}, blocks of {evaluate.seq_len})"
             + (f", HumanEval pass@1 on {evaluate.max_problems} problems" if "pass_at_1" in base else "") + ".",
             f"Calibration: {len(calibration)} blocks of {cfg.calibration_seq_len} tokens from the train split (seed {cfg.seed})"
             + (f"; int4 group size {group_size}" if group_size else "") + ".",

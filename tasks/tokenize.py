@@ -1,16 +1,18 @@
-"""tokenize: train a byte-level BPE (or load model.base's tokenizer), pack train/val token arrays, write drift reference stats.
+"""tokenize: train a byte-level BPE (or load model.base's tokenizer), write train/val token shards and their manifest, write drift reference stats.
 
-Writes models/tokenizer/ (HF format, loads with AutoTokenizer) and data/tokens/ with
-train.bin / val.bin (flat token ids, EOS between documents), meta.json (dtype, counts and
-the tokenizer's sha256, so a tokenized cache is never reused with another tokenizer) and
-reference_stats.json that the drift monitor compares new data against.
+Writes models/tokenizer/ (HF format, loads with AutoTokenizer) and data/tokens/ with the token shards
+train-00000.bin, ... and val-00000.bin, ... (flat token ids, EOS after every document), manifest.json (the dtype and
+each split's shards in order with their tokens, documents and sha256; llmops.data.token_shards reads them),
+meta.json (dtype, counts and the tokenizer's sha256, so a tokenized cache is never reused with another tokenizer)
+and reference_stats.json that the drift monitor compares new data against.
 
 The records stream through shard by shard, three times: ids (the split and the BPE sample), the sampled train
-text into the BPE trainer, then every document into the token files. That last pass runs one job per shard
+text into the BPE trainer, then every document into the token shards. That last pass runs one job per dedup shard
 (llmops.data.engine: a process pool or Ray, `tokenize.workers`), each loading the saved tokenizer and writing its
-shard's packed ids to part files that are then appended in shard order, so the bytes do not depend on the engine or
-the number of workers. Memory holds a batch of documents, the per-document lengths and the unigram counts (per
-worker: one batch and its shard's lengths), never the corpus or its tokens.
+shard's packed ids per split to one file; the files that hold tokens become the token shards, numbered in dedup
+shard order, so the bytes do not depend on the engine or the number of workers, and no token is copied twice.
+Memory holds a batch of documents, the per-document lengths and the unigram counts (per worker: one batch and its
+shard's lengths), never the corpus or its tokens.
 """
 
 from __future__ import annotations
@@ -81,9 +83,7 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
         tokenizer.save_pretrained(tmp)
     digest = directory_digest(tokenizer_dir, algorithm="sha256")
     with atomic_dir(tokens_dir) as tmp:
-        with open(tmp / "train.bin", "wb") as train_out, open(tmp / "val.bin", "wb") as val_out:
-            out = {False: train_out, True: val_out}
-            encoded = encode_shards(tokenizer_dir, shards, is_val, cfg.batch_docs, out, tmp / ".parts", workers=cfg.workers)
+        encoded = encode_shards(tokenizer_dir, shards, is_val, cfg.batch_docs, tmp, workers=cfg.workers)
         tokens, train_lengths = encoded.tokens, encoded.lengths[False]
         stats = reference_stats(tokenizer, None, train_lengths, cfg.length_histogram_bins, counts=encoded.counts)
         meta = {
@@ -113,8 +113,10 @@ def run(cfg: TokenizeConfig, model: ModelConfig, paths: PathsConfig) -> StageRes
         "doc_length_tokens_p50": float(np.percentile(train_lengths, 50)) if train_lengths.size else 0.0,
         "doc_length_tokens_p95": float(np.percentile(train_lengths, 95)) if train_lengths.size else 0.0,
     }
+    files = {split: len(listed) for split, listed in encoded.manifest["splits"].items()}
     summary = (
         f"tokenize: {meta['train_docs']} train + {meta['val_docs']} val docs -> {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens "
+        f"in {files['train']} + {files['val']} shard files "
         f"(vocab {meta['vocab_size']}, {metrics['tokens_per_s']:,.0f} tokens/s on {encoded.ran_on}) at {tokens_dir}; tokenizer at {tokenizer_dir}"
     )
     return StageResult(metrics=metrics, summary=summary, artifacts=[tokens_dir / REFERENCE_STATS, tokenizer_dir], facts=TOKENIZE_FACTS)

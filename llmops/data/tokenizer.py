@@ -1,15 +1,15 @@
-"""Tokenizers and token arrays: the deterministic train/val split by document id, byte-level BPE training (or a base
-model's tokenizer), encoding + packing with EOS between documents, and the reference statistics (length histogram,
-unigrams, unk and byte-fallback rates) that the drift monitor compares new data against."""
+"""Tokenizers and token shards: the deterministic train/val split by document id, byte-level BPE training (or a base
+model's tokenizer), encoding + packing with EOS between documents into the token shards and their manifest, and the
+reference statistics (length histogram, unigrams, unk and byte-fallback rates) that the drift monitor compares new
+data against."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -19,14 +19,16 @@ import numpy as np
 
 from llmops.common import env
 from llmops.common.errors import DataError
+from llmops.common.fingerprints import file_sha256
+from llmops.common.io import atomic_write_json
 from llmops.common.progress import progress
 from llmops.data.engine import map_jobs
+from llmops.data.token_shards import MANIFEST, SPLITS, shard_file_name
 from llmops.params.tokenize import TokenizeConfig
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 REFERENCE_STATS = "reference_stats.json"  # in data/tokens/: what the drift monitor compares a batch with
-COPY_CHUNK_BYTES = 16 << 20  # part files are appended to train.bin / val.bin this much at a time
 # A pool of one-thread processes is chosen over one process with tokenizers' threads when the shards keep it at least
 # this busy (pool_fill). Measured on 2 cores shared with other work (benchmarks/bench_tokenize.py --repeat 3, medians):
 # on the stdlib corpus, 2 shards of 16.2 and 14.7 MB (fill 0.96), the pool encoded at 1.35x bare tokenizers' speed and
@@ -131,6 +133,8 @@ class Encoded:
     chars: int
     seconds: float
     ran_on: str = ""  # where the encoding ran (encode_shards), for the stage's summary line
+    sha256: dict[bool, str] = field(default_factory=dict)  # of each side's part file that holds tokens (encode_shard)
+    manifest: dict[str, Any] = field(default_factory=dict)  # the manifest.json encode_shards wrote
 
 
 def encode_stream(
@@ -178,9 +182,9 @@ def _load_saved_tokenizer(tokenizer_dir: str, _version: tuple[int, int, int]) ->
 
 def encode_shard(tokenizer_dir: str, shard: str, is_val: np.ndarray, batch_docs: int, parts: dict[bool, str], counts_file: str, driver_pid: int) -> Encoded:
     """One encode_shards job: the shard's documents in batches of `batch_docs`, each side's packed ids written to
-    `parts[side]`; `is_val` holds the shard's rows only. The train unigram counts go to `counts_file` (np.save), not
-    into the result, so the driver holds one vocabulary-sized vector, not one per shard. Memory: one batch and the
-    shard's document lengths.
+    `parts[side]` and hashed (sha256, here, in parallel with the other jobs); `is_val` holds the shard's rows only.
+    The train unigram counts go to `counts_file` (np.save), not into the result, so the driver holds one
+    vocabulary-sized vector, not one per shard. Memory: one batch and the shard's document lengths.
 
     In the driver process (one job at a time) tokenizers' Rust threads use every core. Anywhere else the job is one
     of many worker processes, one per core, so it encodes on one thread. A forked worker must not touch the Rust
@@ -204,7 +208,8 @@ def encode_shard(tokenizer_dir: str, shard: str, is_val: np.ndarray, batch_docs:
         desc = f"tokenize: encode {Path(shard).name}" if in_driver else ""
         encoded = encode_stream(tokenizer, batches(), is_val, {False: train, True: val}, desc=desc, total=-(-len(is_val) // batch_docs))
     np.save(counts_file, encoded.counts)
-    return replace(encoded, counts=np.zeros(0, np.int64))
+    sha256 = {side: file_sha256(Path(parts[side])) for side in (False, True) if encoded.tokens[side]}
+    return replace(encoded, counts=np.zeros(0, np.int64), sha256=sha256)
 
 
 def pool_fill(shard_bytes: list[int], workers: int) -> float:
@@ -238,20 +243,26 @@ def encode_workers(workers: int, shard_bytes: list[int]) -> int:
     return cores if pool_fill(shard_bytes, cores) >= MIN_POOL_FILL else 1
 
 
-def encode_shards(tokenizer_dir: Path, shards: list[Path], is_val: np.ndarray, batch_docs: int, out: dict[bool, BinaryIO], scratch: Path, workers: int = 0) -> Encoded:
-    """Every shard encoded as a map_jobs job (encode_shard), the part files then appended to `out[side]` in shard order
-    (and deleted), the counts summed: the same bytes as one encode_stream over the shards in order, whatever the
-    engine or the number of workers. `is_val` covers every document of every shard, in order; `scratch` must be a
-    new folder on a filesystem every worker sees (inside the stage's temp output). `seconds` is wall time."""
+def encode_shards(tokenizer_dir: Path, shards: list[Path], is_val: np.ndarray, batch_docs: int, out_dir: Path, workers: int = 0) -> Encoded:
+    """Every shard encoded as a map_jobs job (encode_shard) into its own part files, which are renamed (not copied)
+    into `out_dir` as the splits' token shards, numbered in shard order: `train-00000.bin`, ..., `val-00000.bin`, ...
+    (llmops.data.token_shards). A part with no document of its split is dropped, so no shard file is empty and a split
+    with no documents has none. manifest.json lists each split's shards with tokens, documents and sha256.
+
+    A split's shards concatenated in manifest order are the bytes of one encode_stream over the shards in order, and
+    every file is the same whatever the engine or the number of workers. `is_val` covers every document of every
+    shard, in order; `out_dir` must be on a filesystem every worker sees (the stage's temp output), its part files go
+    to `out_dir`/.parts meanwhile. `seconds` is wall time."""
     import pyarrow.parquet as pq
 
-    load_saved_tokenizer(tokenizer_dir)  # loaded and cached before the pool forks: forked workers inherit it
+    tokenizer = load_saved_tokenizer(tokenizer_dir)  # loaded and cached before the pool forks: forked workers inherit it
     started = time.perf_counter()
+    scratch = out_dir / ".parts"
     scratch.mkdir()
     rows = np.cumsum([0] + [pq.ParquetFile(shard).metadata.num_rows for shard in shards])
     if rows[-1] != len(is_val):
         raise DataError(f"tokenize: the shards hold {rows[-1]} documents but the split covers {len(is_val)}; were they rewritten meanwhile? Run tokenize again.")
-    parts = [{side: str(scratch / f"{'val' if side else 'train'}-{i:05d}.bin") for side in (False, True)} for i in range(len(shards))]
+    parts = [{side: str(scratch / shard_file_name(SPLITS[side], i)) for side in (False, True)} for i in range(len(shards))]
     counts_files = [str(scratch / f"counts-{i:05d}.npy") for i in range(len(shards))]
     jobs = [(str(tokenizer_dir), str(shard), is_val[rows[i] : rows[i + 1]], batch_docs, parts[i], counts_files[i], os.getpid()) for i, shard in enumerate(shards)]
     workers = encode_workers(workers, shard_text_bytes(shards))
@@ -263,15 +274,22 @@ def encode_shards(tokenizer_dir: Path, shards: list[Path], is_val: np.ndarray, b
         ran_on = "1 process, tokenizers threads"
     results: list[Encoded] = map_jobs(encode_shard, jobs, workers=workers, desc="tokenize: encode")
     counts = None
-    for shard_parts, counts_file in zip(parts, counts_files, strict=True):
+    listed: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for shard_parts, counts_file, result in zip(parts, counts_files, results, strict=True):
         for side, part in shard_parts.items():
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out[side], COPY_CHUNK_BYTES)
-            os.remove(part)
+            split = SPLITS[side]
+            if not result.tokens[side]:
+                os.remove(part)
+                continue
+            name = shard_file_name(split, len(listed[split]))
+            os.replace(part, out_dir / name)
+            listed[split].append({"file": name, "tokens": result.tokens[side], "docs": int(result.lengths[side].size), "sha256": result.sha256[side]})
         shard_counts = np.load(counts_file)
         counts = shard_counts if counts is None else counts + shard_counts
         os.remove(counts_file)
     scratch.rmdir()
+    manifest = {"dtype": str(token_dtype(tokenizer)), "splits": listed}
+    atomic_write_json(out_dir / MANIFEST, manifest)
     empty = np.zeros(0, np.int64)
     return Encoded(
         tokens={side: sum(r.tokens[side] for r in results) for side in (False, True)},
@@ -280,6 +298,7 @@ def encode_shards(tokenizer_dir: Path, shards: list[Path], is_val: np.ndarray, b
         chars=sum(r.chars for r in results),
         seconds=time.perf_counter() - started,
         ran_on=ran_on,
+        manifest=manifest,
     )
 
 

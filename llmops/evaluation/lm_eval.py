@@ -118,7 +118,7 @@ def score_model(model_dir: Path, names: list[str], cfg: EvaluateConfig, metadata
 
 def score_candidate(model_dir: Path, cfg: EvaluateConfig, tokens_dir: Path, tokenizer_dir: Path) -> dict[str, Any]:
     """evaluate.lm_eval on the model in `model_dir`, llmops_heldout_ppl reading the first evaluate.eval_tokens tokens
-    of `tokens_dir`/val.bin (decoded with the project tokenizer in `tokenizer_dir`)."""
+    of the val token shards in `tokens_dir` (decoded with the project tokenizer in `tokenizer_dir`)."""
     return score_model(model_dir, cfg.lm_eval, cfg, heldout_metadata(tokens_dir, tokenizer_dir, cfg.eval_tokens))
 
 

@@ -24,12 +24,12 @@ log = logging.getLogger("llmops.evaluate")
 
 
 def held_out_perplexity(model_dir: Path, tokens: Path, cfg: EvaluateConfig, desc: str) -> dict[str, float]:
-    """Perplexity of the model in `model_dir` on the held-out split (`tokens`/val.bin) in blocks of evaluate.seq_len."""
+    """Perplexity of the model in `model_dir` on the held-out split (the val token shards of `tokens`) in blocks of evaluate.seq_len."""
+    from llmops.data.token_shards import TokenShards
     from llmops.evaluation.generation import load_model, perplexity
-    from llmops.training.data import TokenBlocks, load_token_meta
+    from llmops.training.data import TokenBlocks
 
-    meta = load_token_meta(tokens)
-    blocks = TokenBlocks(tokens / "val.bin", meta["dtype"], cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
+    blocks = TokenBlocks(TokenShards(tokens, "val"), cfg.seq_len, seed=None, limit_tokens=cfg.eval_tokens)
     model, _ = load_model(model_dir)
     result = perplexity(model, blocks, batch_size=cfg.batch_size, desc=desc)
     return {"perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}

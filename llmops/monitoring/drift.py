@@ -139,7 +139,7 @@ def monitored_model(params: Params) -> tuple[Path | None, str]:
     return None, f"none: no {name}@production or @champion and no {params.paths.finetune_model}/config.json"
 
 
-def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limit: int, out: Path, desc: str) -> tuple[float, int]:
+def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limit: int, desc: str) -> tuple[float, int]:
     from llmops.evaluation.generation import perplexity
     from llmops.training.data import TokenBlocks
 
@@ -154,8 +154,7 @@ def _perplexity(model: Any, tokenizer: Any, texts: list[str], seq_len: int, limi
     ids, _ = encode_and_pack(tokenizer, texts, 256, desc)
     if limit:
         ids = ids[:limit]
-    ids.tofile(out)
-    blocks = TokenBlocks(out, str(ids.dtype), min(seq_len, len(ids)), seed=None)
+    blocks = TokenBlocks(ids, min(seq_len, len(ids)), seed=None)
     result = perplexity(model, blocks, batch_size=16, desc=desc)
     return result.perplexity, result.tokens
 
@@ -167,7 +166,7 @@ def heldout_key(model_dir: Path, heldout_texts: list[str], seq_len: int, limit: 
     return directory_digest(model_dir, algorithm="sha256", recursive=True, extra=extra)[:16]
 
 
-def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list[str], side: Path) -> tuple[float, dict[str, Any], str]:
+def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list[str]) -> tuple[float, dict[str, Any], str]:
     """(batch perplexity / held-out perplexity, details, note). Both sides use the model's own tokenizer and the same block length.
 
     The held-out side costs as much as the batch side (both score up to monitor.perplexity_tokens) and is the same for
@@ -183,14 +182,14 @@ def perplexity_ratio(params: Params, batch_texts: list[str], heldout_texts: list
     model, tokenizer = load_model(model_dir)
     seq_len = min(params.evaluate.seq_len, getattr(model.config, "max_position_embeddings", params.evaluate.seq_len))
     limit = params.monitor.perplexity_tokens
-    batch_ppl, batch_tokens = _perplexity(model, tokenizer, batch_texts, seq_len, limit, side / "batch_tokens.bin", "monitor: perplexity (batch)")
+    batch_ppl, batch_tokens = _perplexity(model, tokenizer, batch_texts, seq_len, limit, "monitor: perplexity (batch)")
     cached = root / params.monitor.workdir / "heldout_perplexity" / f"{heldout_key(model_dir, heldout_texts, seq_len, limit)}.json"
     reused = cached.exists()
     if reused:
         held = json.loads(cached.read_text())
         held_ppl, held_tokens = held["perplexity"], held["tokens"]
     else:
-        held_ppl, held_tokens = _perplexity(model, tokenizer, heldout_texts, seq_len, limit, side / "heldout_tokens.bin", "monitor: perplexity (held-out)")
+        held_ppl, held_tokens = _perplexity(model, tokenizer, heldout_texts, seq_len, limit, "monitor: perplexity (held-out)")
         atomic_write_json(cached, {"perplexity": held_ppl, "tokens": held_tokens, "model": label})
     details = {
         "model": label, "batch_perplexity": batch_ppl, "heldout_perplexity": held_ppl, "batch_tokens_scored": batch_tokens,
@@ -322,7 +321,7 @@ def run(params: Params, batch: str, *, track: bool = True, skip_seen: bool = Fal
     info["near_duplicates_reused_signatures"] = train_sigs is not None
     lap("near_duplicates")
     if texts:
-        scores["perplexity_ratio"], ppl_info, model_label = perplexity_ratio(params, texts, heldout_texts, side)
+        scores["perplexity_ratio"], ppl_info, model_label = perplexity_ratio(params, texts, heldout_texts)
         info.update({k: v for k, v in ppl_info.items() if k != "model"})
         if math.isnan(scores["perplexity_ratio"]):
             notes["perplexity_ratio"] = model_label

@@ -21,15 +21,16 @@ def calibration_dataset(tokens: Path, cfg: QuantizeConfig) -> Any:
     pre-tokenized `datasets.Dataset` llm-compressor's oneshot takes."""
     from datasets import Dataset
 
-    from llmops.training.data import TokenBlocks, load_token_meta
+    from llmops.data.token_shards import TokenShards
+    from llmops.training.data import TokenBlocks
 
-    meta = load_token_meta(tokens)
-    if meta["train_tokens"] < cfg.calibration_seq_len:
+    train = TokenShards(tokens, "train")
+    if len(train) < cfg.calibration_seq_len:
         raise DataError(
-            f"{tokens / 'train.bin'}: {meta['train_tokens']} tokens is less than one calibration block of "
+            f"{train}: {len(train)} tokens is less than one calibration block of "
             f"quantize.calibration_seq_len={cfg.calibration_seq_len}; lower it or add data."
         )
-    blocks = TokenBlocks(tokens / "train.bin", meta["dtype"], cfg.calibration_seq_len, seed=cfg.seed)
+    blocks = TokenBlocks(train, cfg.calibration_seq_len, seed=cfg.seed)
     count = min(cfg.calibration_samples, len(blocks))
     if count < cfg.calibration_samples:
         log.warning("quantize: the train split holds %d blocks of %d tokens; calibrating on those, not the %d asked for",
@@ -40,12 +41,9 @@ def calibration_dataset(tokens: Path, cfg: QuantizeConfig) -> Any:
 
 def latency_prompt(tokens: Path, cfg: QuantizeConfig) -> list[int]:
     """The fixed prompt every model is timed on: the first tokens of the held-out split."""
-    import numpy as np
+    from llmops.data.token_shards import TokenShards
 
-    from llmops.training.data import load_token_meta
-
-    meta = load_token_meta(tokens)
-    return np.memmap(tokens / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")[: cfg.latency_prompt_tokens].tolist()
+    return TokenShards(tokens, "val")[: cfg.latency_prompt_tokens].tolist()
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from llmops.common import env
 from llmops.common.fingerprints import directory_digest, dvc_lock_outputs, file_md5, files_digest, json_key
 from llmops.common.stages import STAGES, metrics_file
 from llmops.common.tracking import flatten, git_commit
+from llmops.data.token_shards import MANIFEST
 from llmops.params.evaluate import EvaluateConfig
 from llmops.params.paths import PathsConfig
 from llmops.params.register import RegisterConfig
@@ -35,10 +36,13 @@ def numeric_items(prefix: str, value: Any) -> dict[str, float]:
 
 
 def eval_data_fingerprint(evaluate: EvaluateConfig, paths: PathsConfig) -> str:
-    """md5 of what evaluate's numbers depend on: the held-out tokens, the fine-tune eval pairs, the evaluate params."""
+    """md5 of what evaluate's numbers depend on: the held-out tokens (meta.json, and the val shards as manifest.json
+    lists them, each with its sha256, so no token file is read again), the fine-tune eval pairs, the evaluate params."""
     knobs = {k: v for k, v in evaluate.model_dump().items() if k not in EVAL_KNOBS_NOT_IN_FINGERPRINT}
-    files = [paths.tokens / "meta.json", paths.tokens / "val.bin", paths.instructions / "eval.jsonl"]
-    return files_digest(files, extra=json.dumps(knobs, sort_keys=True))
+    manifest = paths.tokens / MANIFEST
+    val_shards = json.loads(manifest.read_text())["splits"]["val"] if manifest.is_file() else "<absent>"
+    files = [paths.tokens / "meta.json", paths.instructions / "eval.jsonl"]
+    return files_digest(files, extra=json.dumps({"evaluate": knobs, "val_shards": val_shards}, sort_keys=True))
 
 
 def tokenizer_md5(model_dir: Path) -> str:

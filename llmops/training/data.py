@@ -1,4 +1,4 @@
-"""Datasets the Trainer reads: fixed-length blocks of the packed token arrays (pretrain) and tokenized
+"""Datasets the Trainer reads: fixed-length blocks of the token shards (pretrain) and tokenized
 instruction pairs with the loss on the response only (finetune)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from llmops.common.errors import DataError
+from llmops.data.token_shards import TokenShards
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 
@@ -23,21 +24,23 @@ def load_token_meta(tokens_dir: Path) -> dict[str, Any]:
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    """Non-overlapping `seq_len` blocks of a flat token array, in a fixed order shuffled once by `seed`.
+    """Non-overlapping `seq_len` blocks of a flat token array (a split's TokenShards, or an in-memory array), in a
+    fixed order shuffled once by `seed`. Blocks run across shard boundaries as if the shards were one file.
 
     The order lives in the dataset, not in a sampler, so the Trainer reads it sequentially: a resumed
     run skips exactly the blocks already seen, and N processes together read the same blocks per
     step as one process with N times the batch.
     """
 
-    def __init__(self, path: Path, dtype: str, seq_len: int, *, seed: int | None, limit_tokens: int = 0) -> None:
-        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    def __init__(self, tokens: TokenShards | np.ndarray, seq_len: int, *, seed: int | None, limit_tokens: int = 0) -> None:
+        self.tokens = tokens
         self.seq_len = seq_len
         n_blocks = len(self.tokens) // seq_len
         if limit_tokens:
             n_blocks = min(n_blocks, max(1, limit_tokens // seq_len))
         if n_blocks == 0:
-            raise DataError(f"{path}: {len(self.tokens)} tokens is less than one block of pretrain.seq_len={seq_len}; lower seq_len or add data.")
+            name = tokens if isinstance(tokens, TokenShards) else "the token array"
+            raise DataError(f"{name}: {len(self.tokens)} tokens is less than one block of seq_len={seq_len}; lower seq_len or add data.")
         order = np.arange(n_blocks)
         if seed is not None:
             order = np.random.default_rng(seed).permutation(n_blocks)

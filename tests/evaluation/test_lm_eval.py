@@ -8,11 +8,11 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from llmops.common.errors import ConfigError
 from llmops.common.results import StageResult
+from llmops.data.token_shards import TokenShards
 from llmops.evaluation import lm_eval
 from llmops.evaluation.lm_eval_tasks.offline import heldout_documents
 from llmops.params.evaluate import OFFLINE_LM_EVAL_TASKS, EvaluateConfig
@@ -39,7 +39,7 @@ def build_long_context_model(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def project(tokenized, tmp_path_factory) -> Path:  # noqa: F811
     """The tokenized micro project with a micro model in models/finetune (the candidate evaluate scores). The
-held-out task decodes val.bin with the project tokenizer; the model reads that text with its own."""
+held-out task decodes the val token shards with the project tokenizer; the model reads that text with its own."""
     root = tmp_path_factory.mktemp("lm_eval") / "proj"
     shutil.copytree(tokenized, root)
     build_long_context_model(root / "models" / "finetune")
@@ -58,7 +58,7 @@ def test_held_out_documents_are_the_val_split_decoded(project):
 
     tokenizer = AutoTokenizer.from_pretrained(str(project / "models" / "tokenizer"))
     meta = json.loads((project / "data" / "tokens" / "meta.json").read_text())
-    val = np.fromfile(project / "data" / "tokens" / "val.bin", dtype=meta["dtype"])
+    val = TokenShards(project / "data" / "tokens", "val")[:]
     documents = heldout_documents(project / "data" / "tokens", project / "models" / "tokenizer")
     assert len(documents) == meta["val_docs"] >= 2
     ids = [i for text in documents for i in [*tokenizer.encode(text, add_special_tokens=False), meta["eos_token_id"]]]

@@ -43,12 +43,12 @@ def finetuned(tokenized, tmp_path_factory) -> Path:
 def test_trained_model_has_lower_held_out_perplexity_than_an_untrained_one(finetuned, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
+    from llmops.data.token_shards import TokenShards
     from llmops.evaluation.generation import perplexity
-    from llmops.training.data import TokenBlocks, load_token_meta
+    from llmops.training.data import TokenBlocks
 
     monkeypatch.chdir(finetuned)
-    meta = load_token_meta(Path("data/tokens"))
-    blocks = TokenBlocks(Path("data/tokens/val.bin"), meta["dtype"], 32, seed=None, limit_tokens=2048)
+    blocks = TokenBlocks(TokenShards(Path("data/tokens"), "val"), 32, seed=None, limit_tokens=2048)
     trained = AutoModelForCausalLM.from_pretrained("models/pretrain").eval()
     set_seed(0)
     untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained("models/pretrain")).eval()

@@ -96,4 +96,4 @@ def test_the_four_data_stages_on_a_two_node_ray_cluster_match_the_local_run_byte
         cluster.shutdown()
     assert on_ray == local
     assert any(k.startswith("duplicates/") for k in local) and "dedup/minhash.npy" in local
-    assert {"tokens/train.bin", "tokens/val.bin", "tokenizer/tokenizer.json", "quarantine/part-00000.parquet"} <= set(local)
+    assert {"tokens/train-00000.bin", "tokens/val-00000.bin", "tokens/manifest.json", "tokenizer/tokenizer.json", "quarantine/part-00000.parquet"} <= set(local)

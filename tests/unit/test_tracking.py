@@ -19,7 +19,7 @@ def test_a_training_stage_run_has_its_summary_commit_training_inputs_and_system_
     mlflow.set_system_metrics_sampling_interval(1)
     data = tmp_path / "data" / "tokens"
     data.mkdir(parents=True)
-    (data / "train.bin").write_bytes(b"\0" * 8)
+    (data / "train-00000.bin").write_bytes(b"\0" * 8)
     metrics_file = tmp_path / "metrics.json"
     metrics_file.write_text("{}")
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

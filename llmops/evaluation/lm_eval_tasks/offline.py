@@ -72,16 +72,17 @@ def heldout_dataset(
 
 
 def heldout_documents(tokens_dir: Path, tokenizer_dir: Path, max_tokens: int = 0) -> list[str]:
-    """The val split's documents as text: `tokens_dir`/val.bin cut at the EOS the tokenize stage puts between
-    documents, each decoded with the tokenizer that encoded it; only the first `max_tokens` tokens (0 = all)."""
+    """The val split's documents as text: the val token shards of `tokens_dir` cut at the EOS the tokenize stage puts
+    after every document, each decoded with the tokenizer that encoded it; only the first `max_tokens` tokens (0 = all)."""
     import numpy as np
     from transformers import AutoTokenizer
 
+    from llmops.data.token_shards import TokenShards
     from llmops.training.data import load_token_meta
 
     meta = load_token_meta(tokens_dir)
-    ids = np.memmap(tokens_dir / "val.bin", dtype=meta["dtype"], mode="r")
-    ids = ids[:max_tokens] if max_tokens else ids
+    val = TokenShards(tokens_dir, "val")
+    ids = val[: max_tokens or len(val)]
     eos = meta["eos_token_id"]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     pieces = np.split(np.asarray(ids), np.flatnonzero(ids == eos))
