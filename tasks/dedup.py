@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, iter_rows, record_shards
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, record_shards
 from llmops.common.progress import progress
 from llmops.common.results import StageResult
 from llmops.data.minhash import (
@@ -78,25 +78,33 @@ def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
 
 def _write_split(cfg: DedupConfig, shards: list[Path], offsets: np.ndarray, removed: Removed, kept_dir: Path, report_dir: Path) -> int:
     """The filter pass: each shard's records go to the kept shards or, with the id of the record kept in their place,
-    to the report. The record named in a duplicate's place always comes before it (it may itself be a near duplicate
-    of an earlier one: an exact duplicate names the first with its text), so the ids needed are collected on the way
-    (one per cluster). Returns the number of records kept."""
+    to the report, as Arrow tables (no Python object per record). The record named in a duplicate's place always
+    comes before it (it may itself be a near duplicate of an earlier one: an exact duplicate names the first with its
+    text), so the ids needed are collected on the way (one per cluster). Returns the number of records kept."""
+    import pyarrow.parquet as pq
+
     kept = ShardWriter(kept_dir, shard_max_bytes=cfg.shard_max_bytes)
     report = ShardWriter(report_dir, shard_max_bytes=cfg.shard_max_bytes, schema=REPORT_SCHEMA)
-    targets = set(np.unique(removed.kept).tolist())
+    targets = np.unique(removed.kept)
     ids_of: dict[int, str] = {}
     for k, shard in enumerate(progress(shards, desc="dedup: writing", unit="shard")):
-        lo, hi = np.searchsorted(removed.positions, [offsets[k], offsets[k + 1]])
-        here = {int(p): i for i, p in enumerate(removed.positions[lo:hi], start=lo)}
-        for position, row in enumerate(iter_rows(shard), start=int(offsets[k])):
-            if position in targets:
-                ids_of[position] = row["id"]
-            i = here.get(position)
-            if i is None:
-                kept.add(row)
-            else:
-                kind = "near" if removed.near[i] else "exact"
-                report.add(row | {"duplicate_of": ids_of[int(removed.kept[i])], "kind": kind, "similarity": float(removed.similarity[i])})
+        start, stop = int(offsets[k]), int(offsets[k + 1])
+        table = pq.read_table(shard)
+        named = targets[np.searchsorted(targets, start) : np.searchsorted(targets, stop)]
+        ids_of.update(zip(named.tolist(), table.column("id").take(pa.array(named - start)).to_pylist(), strict=True))
+        lo, hi = np.searchsorted(removed.positions, [start, stop])
+        gone = removed.positions[lo:hi] - start
+        keep = np.ones(stop - start, dtype=bool)
+        keep[gone] = False
+        kept.add_table(table.filter(pa.array(keep)))
+        if len(gone):
+            duplicates = (
+                table.take(pa.array(gone))
+                .append_column("duplicate_of", pa.array([ids_of[int(p)] for p in removed.kept[lo:hi]], pa.string()))
+                .append_column("kind", pa.array(np.where(removed.near[lo:hi], "near", "exact").tolist(), pa.string()))
+                .append_column("similarity", pa.array(removed.similarity[lo:hi], pa.float64()))
+            )
+            report.add_table(duplicates)
     kept.close()
     report.close()
     return kept.rows

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -145,8 +146,9 @@ def write_records(out_dir: Path, table: pa.Table, *, shard_max_bytes: int, prefi
 class ShardWriter:
     """Write rows as Parquet shards while they stream in: a shard is cut once it holds ~shard_max_bytes of text.
 
-    Memory is one shard's worth of rows, whatever the corpus size. The cut points and files are the ones
-    `write_records` makes for the same rows in the same order (an empty stream still gives one empty shard).
+    Rows come one at a time (`add`, Python dicts) or as Arrow tables (`add_table`, no Python object per row); both
+    cut at the same rows. Memory is one shard's worth of rows, whatever the corpus size. The cut points and files are
+    the ones `write_records` makes for the same rows in the same order (an empty stream still gives one empty shard).
     """
 
     def __init__(self, out_dir: Path, *, shard_max_bytes: int, schema: pa.Schema = RECORD_SCHEMA, prefix: str = "part") -> None:
@@ -156,6 +158,7 @@ class ShardWriter:
         self.rows = 0
         self.text_bytes = 0  # UTF-8 bytes of every row's text so far
         self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._tables: list[pa.Table] = []  # pending rows before those in _columns
         self._bytes = 0
 
     def add(self, row: dict[str, Any]) -> None:
@@ -169,17 +172,42 @@ class ShardWriter:
         if self._bytes >= self.shard_max_bytes:
             self._flush()
 
+    def add_table(self, table: pa.Table) -> None:
+        """Add the rows of `table` (the writer's schema's columns, in order) as `add` would, one by one."""
+        self._columns_to_table()
+        table = table.select(self.schema.names)
+        sizes = pc.binary_length(table.column("text").fill_null("")).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.rows += table.num_rows
+        self.text_bytes += int(sizes.sum())
+        start = 0
+        while start < table.num_rows:
+            filled = self._bytes + np.cumsum(sizes[start:])
+            cut = int(np.searchsorted(filled, self.shard_max_bytes, side="left"))  # the first row that fills the shard
+            if cut == len(filled):
+                self._tables.append(table.slice(start))
+                self._bytes = int(filled[-1])
+                return
+            self._tables.append(table.slice(start, cut + 1))
+            self._flush()
+            start += cut + 1
+
+    def _columns_to_table(self) -> None:
+        if self._columns[self.schema.names[0]]:
+            self._tables.append(pa.Table.from_pydict(self._columns, schema=self.schema))
+            self._columns = {name: [] for name in self.schema.names}
+
     def _flush(self) -> None:
-        table = pa.Table.from_pydict(self._columns, schema=self.schema)
+        self._columns_to_table()
+        table = pa.concat_tables(self._tables).combine_chunks()
         path = self.out_dir / f"{self.prefix}-{len(self.shards):05d}.parquet"
         pq.write_table(table, path, compression="zstd")
         self.shards.append(path)
-        self._columns = {name: [] for name in self.schema.names}
+        self._tables = []
         self._bytes = 0
 
     def close(self) -> list[Path]:
         """Write what is left; the list of shards written."""
-        if self._columns[self.schema.names[0]] or not self.shards:
+        if self._columns[self.schema.names[0]] or self._tables or not self.shards:
             if not self.rows:
                 path = self.out_dir / f"{self.prefix}-00000.parquet"
                 pq.write_table(pa.Table.from_pydict(self._columns, schema=self.schema), path)
@@ -187,15 +215,6 @@ class ShardWriter:
             else:
                 self._flush()
         return self.shards
-
-
-ROW_BATCH = 256  # rows of a shard turned into Python dicts at a time (iter_rows)
-
-
-def iter_rows(shard: Path) -> Iterator[dict[str, Any]]:
-    """The rows of one Parquet shard as dicts, in order, ROW_BATCH at a time: memory holds a batch, not the shard."""
-    for batch in pq.ParquetFile(shard).iter_batches(batch_size=ROW_BATCH):
-        yield from batch.to_pylist()
 
 
 def record_shards(in_dir: Path, prefix: str = "part") -> list[Path]:

@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from llmops.common import env
 from llmops.common.errors import StageError
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, iter_rows
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
 from llmops.common.progress import progress
 from llmops.data.engine import map_jobs
 from llmops.params.validate import ValidateConfig
@@ -59,15 +60,11 @@ def ids_with_hashes(ids: pa.ChunkedArray | pa.Array, hashes: np.ndarray) -> list
 
 def shard_id_hashes(shard: Path) -> np.ndarray:
     """id_hashes of one Parquet shard (an engine job)."""
-    import pyarrow.parquet as pq
-
     return id_hashes(pq.read_table(shard, columns=["id"]).column("id"))
 
 
 def shard_ids_with_hashes(shard: Path, hashes: np.ndarray) -> list[str]:
     """ids_with_hashes of one Parquet shard (an engine job)."""
-    import pyarrow.parquet as pq
-
     return ids_with_hashes(pq.read_table(shard, columns=["id"]).column("id"), hashes)
 
 
@@ -262,8 +259,6 @@ def check_profile(profile: pd.DataFrame, cfg: ValidateConfig, where: str = "the 
 
 def check_shard(shard: Path, cfg: ValidateConfig, id_counts: dict[str, int]) -> dict[str, Any]:
     """check_profile of one Parquet shard (an engine job)."""
-    import pyarrow.parquet as pq
-
     return check_profile(profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"]), id_counts), cfg, str(shard))
 
 
@@ -399,14 +394,15 @@ def validate_shards(
     failures = corpus["failures"]
     valid = ShardWriter(valid_dir, shard_max_bytes=cfg.shard_max_bytes)
     quarantine = ShardWriter(quarantine_dir, shard_max_bytes=cfg.shard_max_bytes, schema=QUARANTINE_SCHEMA)
-    position = 0
+    failing = np.array(sorted(failures), dtype=np.int64)
+    offset = 0
     for shard in progress(shards, desc="validate: splitting", unit="shard"):
-        for row in iter_rows(shard):
-            if position in failures:
-                quarantine.add(row | {"failed_expectations": json.dumps(failures[position])})
-            else:
-                valid.add(row)
-            position += 1
+        table = pq.read_table(shard)
+        lo, hi = np.searchsorted(failing, [offset, offset + table.num_rows])
+        validated, quarantined = split_by_failures(table, {int(p) - offset: failures[int(p)] for p in failing[lo:hi]})
+        valid.add_table(validated)
+        quarantine.add_table(quarantined)
+        offset += table.num_rows
     valid.close()
     quarantine.close()
     return corpus["rows"], quarantine.rows, corpus["per_expectation"]

@@ -172,6 +172,36 @@ def test_shard_writer_cuts_where_write_records_does(tmp_path):
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(whole, streamed, strict=True))
 
 
+def test_shard_writer_cuts_arrow_tables_where_it_cuts_rows(tmp_path):
+    import random
+
+    import pyarrow as pa
+
+    from llmops.common.io import RECORD_SCHEMA, ShardWriter
+
+    rng = random.Random(0)
+    rows = [{"id": str(i), "text": None if i % 23 == 0 else "é✓x" * rng.randint(0, 120), "source": "s", "meta": "{}", "ingest_error": None} for i in range(600)]
+    for shard_max_bytes in (1, 700, 10**9):
+        by_row = ShardWriter(tmp_path / f"rows-{shard_max_bytes}", shard_max_bytes=shard_max_bytes)
+        for row in rows:
+            by_row.add(row)
+        mixed = ShardWriter(tmp_path / f"mixed-{shard_max_bytes}", shard_max_bytes=shard_max_bytes)
+        start = 0
+        while start < len(rows):  # tables of 0 to 90 rows, some pieces added row by row between them
+            piece = rows[start : start + rng.randint(0, 90)]
+            if rng.random() < 0.3:
+                for row in piece:
+                    mixed.add(row)
+            else:
+                mixed.add_table(pa.Table.from_pylist(piece, schema=RECORD_SCHEMA))
+            start += len(piece)
+        expected, got = by_row.close(), mixed.close()
+        assert [p.name for p in expected] == [p.name for p in got]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(expected, got, strict=True))
+        assert mixed.rows == by_row.rows == 600 and mixed.text_bytes == by_row.text_bytes
+    assert len(expected) == 1 and len(list((tmp_path / "mixed-700").iterdir())) > 20
+
+
 def shard_md5s(out):
     return [hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.glob("part-*.parquet"))]
 
