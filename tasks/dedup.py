@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, record_shards
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, atomic_write_bytes, read_shard, record_shards, release_free_memory
 from llmops.common.progress import progress
 from llmops.common.results import StageResult
 from llmops.data.minhash import (
@@ -48,6 +48,7 @@ def run(cfg: DedupConfig, paths: PathsConfig) -> StageResult:
         scratch = kept_tmp / ".index"  # the signatures on disk while the stage runs; removed before the rename
         index, offsets = index_shards(cfg, shards, scratch)
         removed = find_duplicates_in(cfg, index)
+        release_free_memory()  # the LSH's temporaries, before the filter pass
         n = len(index)
         keep = np.ones(n, dtype=bool)
         keep[removed.positions] = False
@@ -81,15 +82,13 @@ def _write_split(cfg: DedupConfig, shards: list[Path], offsets: np.ndarray, remo
     to the report, as Arrow tables (no Python object per record). The record named in a duplicate's place always
     comes before it (it may itself be a near duplicate of an earlier one: an exact duplicate names the first with its
     text), so the ids needed are collected on the way (one per cluster). Returns the number of records kept."""
-    import pyarrow.parquet as pq
-
     kept = ShardWriter(kept_dir, shard_max_bytes=cfg.shard_max_bytes)
     report = ShardWriter(report_dir, shard_max_bytes=cfg.shard_max_bytes, schema=REPORT_SCHEMA)
     targets = np.unique(removed.kept)
     ids_of: dict[int, str] = {}
     for k, shard in enumerate(progress(shards, desc="dedup: writing", unit="shard")):
         start, stop = int(offsets[k]), int(offsets[k + 1])
-        table = pq.read_table(shard)
+        table = read_shard(shard)
         named = targets[np.searchsorted(targets, start) : np.searchsorted(targets, stop)]
         ids_of.update(zip(named.tolist(), table.column("id").take(pa.array(named - start)).to_pylist(), strict=True))
         lo, hi = np.searchsorted(removed.positions, [start, stop])
@@ -105,6 +104,8 @@ def _write_split(cfg: DedupConfig, shards: list[Path], offsets: np.ndarray, remo
                 .append_column("similarity", pa.array(removed.similarity[lo:hi], pa.float64()))
             )
             report.add_table(duplicates)
+        del table
+        release_free_memory()
     kept.close()
     report.close()
     return kept.rows

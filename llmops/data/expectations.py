@@ -30,11 +30,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from llmops.common import env
 from llmops.common.errors import StageError
-from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir
+from llmops.common.io import RECORD_SCHEMA, ShardWriter, atomic_dir, read_shard, release_free_memory
 from llmops.common.progress import progress
 from llmops.data.engine import map_jobs
 from llmops.params.validate import ValidateConfig
@@ -60,12 +59,12 @@ def ids_with_hashes(ids: pa.ChunkedArray | pa.Array, hashes: np.ndarray) -> list
 
 def shard_id_hashes(shard: Path) -> np.ndarray:
     """id_hashes of one Parquet shard (an engine job)."""
-    return id_hashes(pq.read_table(shard, columns=["id"]).column("id"))
+    return id_hashes(read_shard(shard, ["id"]).column("id"))
 
 
 def shard_ids_with_hashes(shard: Path, hashes: np.ndarray) -> list[str]:
     """ids_with_hashes of one Parquet shard (an engine job)."""
-    return ids_with_hashes(pq.read_table(shard, columns=["id"]).column("id"), hashes)
+    return ids_with_hashes(read_shard(shard, ["id"]).column("id"), hashes)
 
 
 def duplicate_id_counts(hashes: list[np.ndarray], ids_in: Callable[[list[int], np.ndarray], list[list[str]]]) -> dict[str, int]:
@@ -259,7 +258,7 @@ def check_profile(profile: pd.DataFrame, cfg: ValidateConfig, where: str = "the 
 
 def check_shard(shard: Path, cfg: ValidateConfig, id_counts: dict[str, int]) -> dict[str, Any]:
     """check_profile of one Parquet shard (an engine job)."""
-    return check_profile(profile_records(pq.read_table(shard, columns=["id", "text", "ingest_error"]), id_counts), cfg, str(shard))
+    return check_profile(profile_records(read_shard(shard, ["id", "text", "ingest_error"]), id_counts), cfg, str(shard))
 
 
 def corpus_result(expectation: Any, rows: int, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,12 +396,14 @@ def validate_shards(
     failing = np.array(sorted(failures), dtype=np.int64)
     offset = 0
     for shard in progress(shards, desc="validate: splitting", unit="shard"):
-        table = pq.read_table(shard)
+        table = read_shard(shard)
         lo, hi = np.searchsorted(failing, [offset, offset + table.num_rows])
         validated, quarantined = split_by_failures(table, {int(p) - offset: failures[int(p)] for p in failing[lo:hi]})
         valid.add_table(validated)
         quarantine.add_table(quarantined)
         offset += table.num_rows
+        del table, validated, quarantined
+        release_free_memory()
     valid.close()
     quarantine.close()
     return corpus["rows"], quarantine.rows, corpus["per_expectation"]
