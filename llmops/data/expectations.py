@@ -82,6 +82,16 @@ def duplicate_id_counts(hashes: list[np.ndarray], ids_in: Callable[[list[int], n
     return {i: n for i, n in sorted(shared.items()) if n > 1}
 
 
+def longest_line_chars(text: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The characters of each text's longest line (lines split at "\n", as str.split does; null for a null text),
+    computed in Arrow: no Python string per record."""
+    text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+    lines = pc.split_pattern(text, "\n")
+    longest = np.zeros(len(text), dtype=np.int64)
+    np.maximum.at(longest, pc.list_parent_indices(lines).to_numpy(), pc.utf8_length(pc.list_flatten(lines)).to_numpy())
+    return pa.array(longest, mask=text.is_null().to_numpy(zero_copy_only=False))
+
+
 def profile_records(table: pa.Table, id_counts: dict[str, int]) -> pd.DataFrame:
     """One row per record with the measurements the expectations check; `id_counts` (duplicate_id_counts) gives
     `id_count`, the records of the whole corpus that share the record's id (1 for an id no other record has)."""
@@ -89,7 +99,6 @@ def profile_records(table: pa.Table, id_counts: dict[str, int]) -> pd.DataFrame:
     ids = table.column("id")
     chars = pc.utf8_length(text)
     safe_chars = pc.max_element_wise(pc.fill_null(chars, 0), 1)
-    longest_line = [max(map(len, t.split("\n"))) if t is not None else None for t in text.to_pylist()]
     id_count = pc.if_else(pc.is_null(ids), pa.scalar(None, pa.int64()), pa.scalar(1, pa.int64()))
     if id_counts:
         shared = pc.take(pa.array(list(id_counts.values()), pa.int64()), pc.index_in(ids, value_set=pa.array(list(id_counts), ids.type)))
@@ -99,7 +108,7 @@ def profile_records(table: pa.Table, id_counts: dict[str, int]) -> pd.DataFrame:
             "id": ids.to_pandas(),
             "id_count": id_count.to_pandas().astype("Int64"),
             "text_chars": chars.to_pandas().astype("Int64"),
-            "max_line_chars": pd.array(longest_line, dtype="Int64"),
+            "max_line_chars": longest_line_chars(text).to_pandas().astype("Int64"),
             "nul_chars": pc.count_substring(text, "\x00").to_pandas().astype("Int64"),
             "control_char_ratio": pc.divide(pc.cast(pc.count_substring_regex(text, CONTROL_CHARS_RE), pa.float64()), safe_chars).to_pandas(),
             "alnum_ratio": pc.divide(pc.cast(pc.count_substring_regex(text, r"[\p{L}\p{N}]"), pa.float64()), safe_chars).to_pandas(),
@@ -258,7 +267,9 @@ def check_profile(profile: pd.DataFrame, cfg: ValidateConfig, where: str = "the 
 
 def check_shard(shard: Path, cfg: ValidateConfig, id_counts: dict[str, int]) -> dict[str, Any]:
     """check_profile of one Parquet shard (an engine job)."""
-    return check_profile(profile_records(read_shard(shard, ["id", "text", "ingest_error"]), id_counts), cfg, str(shard))
+    checked = check_profile(profile_records(read_shard(shard, ["id", "text", "ingest_error"]), id_counts), cfg, str(shard))
+    release_free_memory()  # a worker checks shard after shard: what one shard used is not kept for the next
+    return checked
 
 
 def corpus_result(expectation: Any, rows: int, shards: list[dict[str, Any]]) -> dict[str, Any]:

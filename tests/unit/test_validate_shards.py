@@ -141,3 +141,13 @@ def test_data_docs_show_the_whole_corpus_counts(tmp_path):
     gate = page_text(tmp_path / "data_docs", "quarantine_gate")
     assert "pass_rate: 12 of 15 records pass every rule (80.00%), at least 50.00% required; 3 quarantined" in gate
     assert "Status: Succeeded" in gate
+
+
+def test_longest_line_chars_counts_characters_of_the_longest_line_as_str_split_does():
+    import pyarrow as pa
+
+    from llmops.data.expectations import longest_line_chars
+
+    texts = ["", "a", "a\nbc", "\n\n", "é✓\nxx\r\nyyy", None, "x" * 10 + "\n", "\r\n"]
+    expected = [max(map(len, t.split("\n"))) if t is not None else None for t in texts]
+    assert longest_line_chars(pa.chunked_array([texts[:3], texts[3:]], pa.string())).to_pylist() == expected == [0, 1, 2, 0, 3, None, 10, 1]
