@@ -4,8 +4,8 @@ Writes the kept records to data/dedup/ and every removed record, with the id of 
 kept in its place, the kind (exact/near) and the estimated Jaccard similarity, to
 data/duplicates/ (the cluster report): nothing is lost, and in = kept + duplicates.
 
-Shards stream through. The index pass runs per shard as engine jobs (exact keys and, in the same read, MinHash
-signatures of the documents that can be near duplicates; no text is kept); the signatures go to files on disk as each shard's job
+Shards stream through. The index pass runs per shard as engine jobs (exact keys, then MinHash signatures of the
+documents that can be near duplicates; no text is kept); the signatures go to files on disk as each shard's job
 returns (llmops.data.minhash.SignatureColumns, in a scratch folder of the output removed before it is renamed into
 place). The LSH reads them a band at a time, verifies candidates, and clusters the verified pairs; the filter
 pass then splits each shard into kept and removed records through shard writers. Memory holds about 50 bytes per

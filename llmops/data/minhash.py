@@ -188,47 +188,44 @@ class DocIndex:
         return len(self.keys)
 
 
-def _shard_index(shard: Path, engine: str, shingle_words: int, num_perm: int, seed: int) -> tuple[DocIndex, np.ndarray]:
-    """One shard's DocIndex (exact keys, shingles present, sizes) and its signatures (in a worker), in one read.
-
-    Signatures are computed for the rows with words whose exact key is the first in the shard and are zeros
-    elsewhere; a row whose key an earlier shard already had gets a signature that nothing reads (only the first
-    document of each key is compared and can be kept), which costs less than a second pass over the corpus."""
+def _shard_keys(shard: Path) -> DocIndex:
+    """Pass 1 on one shard (in a worker): exact keys, shingles present, sizes; no signatures yet."""
     import pyarrow.parquet as pq
 
-    parts, digests, seen = [], [], set()
+    batches = pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"])
+    return DocIndex.concat([DocIndex.keyed(b.column("text").to_pylist()) for b in batches])
+
+
+def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
+    """Pass 2 on one shard (in a worker): signatures of the rows in `wanted` (a bool mask), zeros elsewhere."""
+    import pyarrow.parquet as pq
+
+    sigs = np.zeros((len(wanted), num_perm), dtype=np.uint32)
+    start = 0
     for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"]):
-        texts = batch.column("text").to_pylist()
-        part = DocIndex.keyed(texts)
-        rows = []
-        for i, (key, words) in enumerate(zip(part.keys.tolist(), part.has_shingles.tolist(), strict=True)):
-            if words and key not in seen:
-                rows.append(i)
-            seen.add(key)
-        sigs = np.zeros((len(texts), num_perm), dtype=np.uint32)
-        if rows:
-            sigs[rows] = digest_matrix(engine, [texts[i] for i in rows], shingle_words, num_perm, seed)
-        parts.append(part)
-        digests.append(sigs)
-    return DocIndex.concat(parts), np.concatenate(digests) if digests else np.zeros((0, num_perm), dtype=np.uint32)
+        rows = np.flatnonzero(wanted[start : start + batch.num_rows])
+        if len(rows):
+            texts = batch.column("text").take(rows).to_pylist()
+            sigs[start + rows] = digest_matrix(engine, texts, shingle_words, num_perm, seed)
+        start += batch.num_rows
+    return sigs
 
 
 def index_shards(cfg: DedupConfig, shards: list[Path], scratch: Path) -> tuple[DocIndex, np.ndarray]:
-    """The DocIndex of every shard, in order, and each shard's first position (plus the total), built in one pass of
-    engine jobs (cfg.workers local processes, or Ray), one per shard (_shard_index). The signatures go to
-    SignatureColumns files in `scratch` as each shard's job returns, so memory holds about 50 bytes per document,
-    not the signatures; the row counts in the shards' Parquet footers size those files before the pass."""
-    import pyarrow.parquet as pq
-
-    offsets = np.cumsum([0] + [pq.ParquetFile(s).metadata.num_rows for s in shards])
-    store = SignatureColumns(scratch, int(offsets[-1]), cfg.num_perm)
-    jobs = [(s, cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed) for s in shards]
-    parts = []
-    for start, (part, sigs) in zip(offsets, imap_jobs(_shard_index, jobs, workers=cfg.workers, desc="dedup: keys and minhash"), strict=False):
-        store.write(int(start), sigs)
-        parts.append(part)
+    """The DocIndex of every shard, in order, and each shard's first position (plus the total), built shard by shard
+    as engine jobs (cfg.workers local processes, or Ray). Signatures are computed only for documents that can be
+    near duplicates (the first of their exact key, with words; the others get zeros) and go to SignatureColumns
+    files in `scratch` as each shard's job returns, so memory holds about 50 bytes per document, not the signatures."""
+    parts = map_jobs(_shard_keys, [(s,) for s in shards], workers=cfg.workers, desc="dedup: exact keys")
+    offsets = np.cumsum([0] + [len(p) for p in parts])
     index = DocIndex.concat(parts)
     del parts
+    n = len(index)
+    wanted = (exact_firsts(index.keys) == np.arange(n)) & index.has_shingles
+    jobs = [(s, wanted[offsets[k] : offsets[k + 1]], cfg.engine, cfg.shingle_words, cfg.num_perm, cfg.seed) for k, s in enumerate(shards)]
+    store = SignatureColumns(scratch, n, cfg.num_perm)
+    for start, sigs in zip(offsets, imap_jobs(_shard_signatures, jobs, workers=cfg.workers, desc="dedup: minhash"), strict=False):
+        store.write(int(start), sigs)
     index.sigs = store
     return index, offsets
 
