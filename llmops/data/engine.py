@@ -53,8 +53,8 @@ _frozen = 0  # pools open with the heap frozen (a pool's results may be consumed
 
 @contextmanager
 def _frozen_heap() -> Iterator[None]:
-    """gc.freeze() while a process pool forks and runs: the objects the driver holds (the imported libraries, GX's
-    ~150 MB among them) move to GC's permanent generation, so a worker's collections never write to them and the pages
+    """gc.freeze() while a process pool forks and runs: the objects the driver holds (the imported libraries: in
+    validate, with GX, about 200 MB the workers share) move to GC's permanent generation, so a worker's collections never write to them and the pages
     stay shared with the driver instead of being copied into every worker (copy-on-write). This is the fork recipe of
     the gc module's docs. Measured with validate, whose workers fork from a driver that imported GX
     (benchmarks/bench_scale.py --corpora 300mb --synthetic-gb 5 --stages ingest,validate): peak PSS of the stage went
