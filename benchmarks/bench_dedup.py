@@ -13,10 +13,12 @@ share of planted pairs where the copy (or its original) is removed; precision = 
 run's new removals (vs the unplanted run) that are planted copies or their originals.
 
 Engines:
-  ours rensa w0 / w1, ours datasketch w0  tasks.dedup.run in-process (Parquet read + write included)
+  ours rensa w0 / w1, ours datasketch w0  tasks.dedup.run in a fresh process of this script, as a stage runs
+                                           (Parquet read + write included)
   rensa bare                               rensa's RMinHash + RMinHashLSH in one process, as its README uses them:
                                            query, a candidate at estimated Jaccard >= threshold is a duplicate,
-                                           else insert (Parquet read included, no output written)
+                                           else insert (Parquet read included, no output written), in a
+                                           fresh process too
   text-dedup 0.4.1 (verify / default)      subprocess in its own Python 3.12 venv (needs >= 3.12)
   datatrove 0.10.1                          subprocess in its own Python 3.12 venv
 Peer times are the peers' own pipeline (load, hash, cluster, save), measured inside the
@@ -47,6 +49,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,8 +115,17 @@ def plant(table: pa.Table) -> tuple[pa.Table, list[int]]:
     return pa.concat_tables([table, extra]), originals
 
 
+def word_shingles(text: str, n: int) -> list[str]:
+    """Distinct word n-grams as strings (str.split's words); a document shorter than n words is one shingle. The
+    shingles of rensa's bare run and of the true Jaccard of planted pairs."""
+    words = text.split()
+    if len(words) < n:
+        return [" ".join(words)] if words else []
+    return list({" ".join(words[i : i + n]) for i in range(len(words) - n + 1)})
+
+
 def true_jaccard(a: str, b: str, n: int) -> float:
-    sa, sb = set(minhash.word_shingles(a, n)), set(minhash.word_shingles(b, n))
+    sa, sb = set(word_shingles(a, n)), set(word_shingles(b, n))
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
@@ -129,16 +141,16 @@ def export_for_peers(table: pa.Table, out: Path, shards: int) -> Path:
     return out
 
 
-def run_ours(cfg, records_dir: Path, work: Path, positions_by_id: dict[str, int]) -> dict:
+def run_ours(cfg, records_dir: Path, work: Path) -> dict:
     paths = PathsConfig(validated=records_dir, dedup=work / "dedup", duplicates=work / "duplicates").under(work)
     start = time.perf_counter()
     result = dedup.run(cfg, paths)
     seconds = time.perf_counter() - start
-    removed = sorted(positions_by_id[i] for i in read_records(paths.duplicates).column("id").to_pylist())
-    return {"seconds": seconds, "removed": removed, "exact": result.metrics["exact_duplicates"], "near": result.metrics["near_duplicates"]}
+    removed = read_records(paths.duplicates).column("id").to_pylist()
+    return {"seconds": seconds, "removed_ids": removed, "exact": result.metrics["exact_duplicates"], "near": result.metrics["near_duplicates"]}
 
 
-def run_rensa_bare(cfg, records_dir: Path, positions_by_id: dict[str, int]) -> dict:
+def run_rensa_bare(cfg, records_dir: Path) -> dict:
     """rensa alone, as its README uses it, in one process: read the shards, an RMinHash of each document's word
     shingles, then in order: query RMinHashLSH, a document with a candidate at estimated Jaccard >= threshold is a
     duplicate, else it is inserted. No exact-dedup pass, no Parquet output."""
@@ -147,15 +159,41 @@ def run_rensa_bare(cfg, records_dir: Path, positions_by_id: dict[str, int]) -> d
     start = time.perf_counter()
     table = read_records(records_dir)
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    hashes = RMinHash.from_token_sets([minhash.word_shingles(t, cfg.shingle_words) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed)
+    hashes = RMinHash.from_token_sets([word_shingles(t, cfg.shingle_words) for t in texts], num_perm=cfg.num_perm, seed=cfg.seed)
     lsh = RMinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, num_bands=minhash.lsh_bands(cfg.threshold, cfg.num_perm))
     removed = []
     for key, m in enumerate(hashes):
         if any(m.jaccard(hashes[other]) >= cfg.threshold for other in lsh.query(m)):
-            removed.append(positions_by_id[ids[key]])
+            removed.append(ids[key])
         else:
             lsh.insert(key, m)
-    return {"seconds": time.perf_counter() - start, "removed": sorted(removed)}
+    return {"seconds": time.perf_counter() - start, "removed_ids": removed}
+
+
+def run_isolated(kind: str, cfg, records_dir: Path, work: Path, positions_by_id: dict[str, int], timeout: int) -> dict:
+    """One run of ours or rensa bare in a fresh interpreter of this script (`--run-one`), as a stage runs in its own
+    process: its seconds are measured inside, after the imports, and no state of this process (the corpus it holds,
+    an earlier run's heap) reaches it."""
+    cmd = [sys.executable, __file__, "--run-one", kind, "--cfg", cfg.model_dump_json(), "--input", str(records_dir), "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} run exited {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["removed"] = sorted(positions_by_id[i] for i in out.pop("removed_ids"))
+    return out
+
+
+def run_one(args) -> None:
+    """The child of run_isolated: every library either side uses is imported first, then one timed run."""
+    import datasketch  # noqa: F401
+    import rensa  # noqa: F401
+    import scipy.sparse.csgraph  # noqa: F401
+
+    from llmops.params.dedup import DedupConfig
+
+    cfg = DedupConfig.model_validate_json(args.cfg)
+    out = run_ours(cfg, Path(args.input), Path(args.work)) if args.run_one == "ours" else run_rensa_bare(cfg, Path(args.input))
+    print(json.dumps(out))
 
 
 def run_peer(python: str, script: str, export_dir: Path, extra: list[str], timeout: int) -> dict:
@@ -177,8 +215,15 @@ def main() -> None:
     ap.add_argument("--textdedup-python", default="/tmp/peervenv/bin/python")
     ap.add_argument("--datatrove-python", default="/tmp/dtvenv/bin/python")
     ap.add_argument("--peer-timeout", type=int, default=900)
+    ap.add_argument("--repeat", type=int, default=1, help="timed rounds over every engine (the median is reported); the planted run is done once")
     ap.add_argument("--out", default=str(RESULTS / "dedup.json"))
+    ap.add_argument("--run-one", choices=["ours", "bare"], help=argparse.SUPPRESS)  # internal: run_isolated's child
+    ap.add_argument("--cfg", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.run_one:
+        run_one(args)
+        return
 
     base_cfg = load_params(Path(args.params)).dedup.model_copy(update={"threshold": 0.7, "shingle_words": 5, "num_perm": 128})
     bands = minhash.lsh_bands(base_cfg.threshold, base_cfg.num_perm)
@@ -219,45 +264,50 @@ def main() -> None:
         ("datatrove 0.10.1", "peer", (args.datatrove_python, "datatrove_minhash.py", lsh_args)),
     ]
     notes = {
-        "ours": "exact dedup (sha256 of normalised text) first, then MinHash LSH on whitespace-split word 5-grams; "
+        "ours": "exact dedup (sha256 of normalised text) first, then MinHash LSH on word 5-grams (words split at ASCII whitespace, shingles hashed in numpy: minhash.shingle_hashes); "
                 "candidates verified by signature-estimated Jaccard >= threshold; keeps the lowest position of a cluster",
         "text-dedup": "tokens = lowercased text split on \\W (punctuation dropped), so its 5-grams differ from ours; "
                       "xxh3 32-bit universal hashing; min_length=1 (its default 5 would drop docs under 5 tokens); "
                       "bands/rows passed explicitly = ours; 'verify' = check_false_positive (exact Jaccard on its n-gram sets, "
                       "keeps the lowest index); 'default' = no verification, every band collision is a duplicate; in 0.4.1 that path keeps a record only when its polars_grouper group label equals its own index, so it can drop every member of a cluster (3 identical docs -> 2 removed but the wrong ones; 2 identical docs -> both removed)",
         "datatrove": "tokenizer replaced by str.split and text normalisation off (default needs spaCy and lowercases/strips "
-                     "punctuation), so its shingles equal ours; xxhash64 + 64-bit universal hashing; num_buckets/hashes_per_bucket = ours; "
+                     "punctuation), so its shingles equal ours (but for non-ASCII whitespace, which str.split also splits at); xxhash64 + 64-bit universal hashing; num_buckets/hashes_per_bucket = ours; "
                      "no verification step; union-by-size may keep a different member of a cluster than ours",
     }
 
-    results = []
-    for label, kind, spec in engines:
-        entry = {"engine": label}
-        try:
-            for run_name in ("base", "planted"):
-                inp = inputs[run_name]
-                if kind == "ours":
-                    out = run_ours(spec, inp["records"], work / "out" / label.replace(" ", "_") / run_name, inp["positions"])
-                elif kind == "rensa-bare":
-                    out = run_rensa_bare(spec, inp["records"], inp["positions"])
-                else:
-                    python, script, extra = spec
-                    if not Path(python).exists():
-                        raise FileNotFoundError(f"peer interpreter {python} not found (see the setup in this file's docstring)")
-                    out = run_peer(python, script, inp["export"], extra, args.peer_timeout)
-                entry[run_name] = out
-            entry["status"] = "ok"
-        except Exception as exc:  # a peer that cannot run is reported, not fatal
-            entry["status"] = f"failed: {type(exc).__name__}: {str(exc)[-1500:]}"
-        results.append(entry)
-        print(f"{label}: {entry['status'][:200]}" + (f" ({entry['base']['seconds']:.1f}s)" if entry["status"] == "ok" else ""), file=sys.stderr)
+    def run_engine(label: str, kind: str, spec, run_name: str) -> dict:
+        inp = inputs[run_name]
+        if kind in ("ours", "rensa-bare"):
+            out_dir = work / "out" / label.replace(" ", "_") / run_name
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return run_isolated("ours" if kind == "ours" else "bare", spec, inp["records"], out_dir, inp["positions"], args.peer_timeout)
+        python, script, extra = spec
+        if not Path(python).exists():
+            raise FileNotFoundError(f"peer interpreter {python} not found (see the setup in this file's docstring)")
+        return run_peer(python, script, inp["export"], extra, args.peer_timeout)
+
+    results = [{"engine": label, "base_seconds": []} for label, _, _ in engines]
+    for round_ in range(args.repeat):  # rounds alternate the engines, so a drift of the machine's speed reaches all of them
+        for entry, (label, kind, spec) in zip(results, engines):
+            if entry.get("status", "ok") != "ok":
+                continue
+            try:
+                for run_name in ("base", "planted") if round_ == 0 else ("base",):
+                    out = run_engine(label, kind, spec, run_name)
+                    entry.setdefault(run_name, out)
+                    if run_name == "base":
+                        entry["base_seconds"].append(out["seconds"])
+                entry["status"] = "ok"
+            except Exception as exc:  # a peer that cannot run is reported, not fatal
+                entry["status"] = f"failed: {type(exc).__name__}: {str(exc)[-1500:]}"
+            print(f"round {round_ + 1}, {label}: {entry['status'][:200]}" + (f" ({entry['base_seconds'][-1]:.1f}s)" if entry["status"] == "ok" else ""), file=sys.stderr)
 
     reference = set(results[0]["base"]["removed"])
     for r in results:
         if r["status"] != "ok":
             continue
         removed = set(r["base"]["removed"])
-        r["seconds"] = r["base"]["seconds"]
+        r["seconds"] = sorted(r["base_seconds"])[len(r["base_seconds"]) // 2]  # the median round
         r["mb_per_s"] = inputs["base"]["bytes"] / 1e6 / r["seconds"]
         r["docs_removed"] = len(removed)
         r["agree_both"] = len(removed & reference)
@@ -274,6 +324,7 @@ def main() -> None:
         r["planted_recall_true_j_ge_threshold"] = (
             sum(c for c, j in zip(caught, pair_jaccard) if j >= base_cfg.threshold) / max(1, sum(j >= base_cfg.threshold for j in pair_jaccard))
         )
+
 
     import datasketch
     import rensa
@@ -310,7 +361,10 @@ def main() -> None:
         prec = f"{r['planted_precision']:.2f}" if r["planted_precision"] is not None else "n/a"
         print(f"| {r['engine']} | {r['seconds']:.2f} | {r['mb_per_s']:.2f} | {r['docs_removed']} | {r['agree_both']} | {r['only_ours']} | "
               f"{r['only_this']} | {r['planted_recall']:.2f} | {prec} | {r['planted_recall_true_j_ge_threshold']:.2f} |")
-    print("\n'ours' = ours rensa w0. Peer seconds exclude interpreter start-up (process_s in the JSON).")
+    print(f"\n'ours' = ours rensa w0. seconds = median of {args.repeat} round(s), each run in a fresh process, timed after its imports; peer seconds exclude interpreter start-up (process_s in the JSON).")
+    bare = next((r for r in results if r["engine"].startswith("rensa bare") and r["status"] == "ok"), None)
+    if bare and results[0]["status"] == "ok":
+        print(f"rensa bare / ours rensa w0: {bare['seconds'] / results[0]['seconds']:.2f}x the time")
     print(f"\nwrote {args.out}")
 
 

@@ -1,8 +1,8 @@
 """Exact (normalized text) and near-duplicate (MinHash LSH, verified by estimated Jaccard) detection over arrays, so it
 runs shard by shard on any corpus size. The dedup stage and the drift monitor use it.
 
-- Signatures: rensa (or datasketch) MinHash of word shingles, one uint32 row of `num_perm` values per document,
-  computed per shard (or per chunk of texts) in worker processes.
+- Signatures: rensa (or datasketch) MinHash of word shingles, hashed in numpy (shingle_hashes), one uint32 row of
+  `num_perm` values per document, computed per shard (or per chunk of texts) in worker processes.
 - Exact duplicates: the sha256 of the normalized text; the first occurrence is kept (numpy's unique).
 - LSH: a document's signature cut into `bands` slices; documents with an identical slice in some band are
   candidates (a sort per band: the "shuffle" by band key), the same candidates rensa's or datasketch's LSH index gives.
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from llmops.data.engine import imap_jobs, map_jobs
 from llmops.params.dedup import DedupConfig
@@ -35,19 +36,120 @@ CANDIDATE_CHUNK_PAIRS = 1_048_576  # LSH candidate pairs generated, then verifie
 
 def normalize(text: str) -> str:
     """Text as compared for exact duplicates: trailing whitespace and blank edges do not count."""
-    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+    return "\n".join(map(str.rstrip, text.strip().splitlines()))
 
 
 def exact_key(text: str) -> bytes:
     return hashlib.sha256(normalize(text).encode("utf-8", "surrogatepass")).digest()
 
 
-def word_shingles(text: str, n: int) -> list[str]:
-    """Distinct word n-grams; a document shorter than n words is one shingle."""
-    words = text.split()
-    if len(words) < n:
-        return [" ".join(words)] if words else []
-    return list({" ".join(words[i : i + n]) for i in range(len(words) - n + 1)})
+def has_words(text: str) -> bool:
+    """Whether the text has a word (str.split's whitespace), so it can be a near duplicate."""
+    return bool(text) and not text.isspace()
+
+
+# Shingles, as hashes. A word is a run of bytes of the UTF-8 text that are not ASCII whitespace (space, \t \n \v \f
+# \r); a shingle is `shingle_words` consecutive words of one document (a document of fewer words is one shingle of all
+# of them). Each word is hashed over its bytes (a polynomial hash modulo 2**64 plus its length, then the splitmix64
+# finalizer) and each shingle over its words' hashes, all in numpy over a whole batch of documents, so no Python
+# object is made per word or shingle; rensa (or datasketch) turns the shingle hashes into MinHash signatures. A
+# signature depends on this definition: SHINGLE_FORMAT names it in signature_settings, so signatures saved under
+# another one are never compared with these.
+SHINGLE_FORMAT = "word-ngram-hash64-v1"
+WINDOW_BYTES = 1 << 20  # bytes hashed at once (about 30 bytes of temporaries per byte); cut at whitespace
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
+_BASE = 0x100000001B3  # odd, so invertible modulo 2**64
+_ODD = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9)
+_powers: dict[str, np.ndarray] = {}
+
+
+def _word_weights(n: int) -> np.ndarray:
+    """The odd multipliers of a shingle's 1st, 2nd, ... word hash (past the 8th, the 8 again times 3, then 5, ...)."""
+    return np.array([_ODD[k % len(_ODD)] * (k // len(_ODD) * 2 + 1) % (1 << 64) for k in range(n)], dtype=np.uint64)
+
+
+def _power_tables() -> tuple[np.ndarray, np.ndarray]:
+    """_BASE**k and _BASE**-k modulo 2**64 for k in 0 .. WINDOW_BYTES (built once per process, 16 MB)."""
+    if not _powers:
+        for name, base in (("up", _BASE), ("down", pow(_BASE, -1, 1 << 64))):
+            steps = np.full(WINDOW_BYTES + 1, base, dtype=np.uint64)
+            steps[0] = 1
+            _powers[name] = np.cumprod(steps)  # uint64 products wrap modulo 2**64
+    return _powers["up"], _powers["down"]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: every input bit moves every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _word_hashes(data: np.ndarray, breaks: np.ndarray, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start offset, hash) of each word in `data` (uint8, at most WINDOW_BYTES); `breaks` marks whitespace bytes,
+    `doc_start` the first byte of each document, where a word begins whatever precedes it."""
+    up, down = _power_tables()
+    word = ~breaks
+    starts = np.flatnonzero(word & (np.r_[True, breaks[:-1]] | doc_start))
+    ends = np.flatnonzero(word & np.r_[breaks[1:] | doc_start[1:], True]) + 1
+    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+    np.cumsum(data * up[: len(data)], out=prefix[1:])
+    return starts, _mix64((prefix[ends] - prefix[starts]) * down[starts] + (ends - starts).astype(np.uint64))
+
+
+def _utf8(texts: Sequence[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The texts' UTF-8 bytes, concatenated, and each text's (start, end) offsets (n + 1 int64), read from an Arrow
+    string array's own buffers where given."""
+    if not isinstance(texts, pa.Array):
+        texts = pa.array([t.encode("utf-8", "surrogatepass") for t in texts], type=pa.large_binary())
+    elif texts.null_count:
+        raise ValueError("a text is null")
+    large = pa.types.is_large_string(texts.type) or pa.types.is_large_binary(texts.type)
+    _, offsets_buf, data_buf = texts.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if large else np.int32)[texts.offset : texts.offset + len(texts) + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def shingle_hashes(texts: Sequence[str] | pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shingle hashes of every text, flat (uint64), and each text's (start, end) in them (n + 1 uint64).
+
+    Shingles repeated in a text are hashed each time (a MinHash is the same for a set and a multiset)."""
+    data, offsets = _utf8(texts)
+    breaks = _WHITESPACE[data]
+    doc_start = np.zeros(len(data) + 1, dtype=bool)
+    doc_start[offsets[:-1]] = True
+    starts, hashes, lo = [], [], 0
+    while lo < len(data):
+        hi = min(lo + WINDOW_BYTES, len(data))
+        if hi < len(data):  # end the window after its last whitespace byte, so no word is cut (unless it is longer)
+            back = int(np.argmax(breaks[lo:hi][::-1]))  # bytes back from hi - 1 to the window's last whitespace byte
+            hi = hi - back if breaks[hi - 1 - back] else hi
+        s, h = _word_hashes(data[lo:hi], breaks[lo:hi], doc_start[lo:hi])
+        starts.append(s + lo)
+        hashes.append(h)
+        lo = hi
+    words = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    word_doc = np.searchsorted(offsets, np.concatenate(starts), side="right") - 1 if starts else np.zeros(0, np.int64)
+    del starts, hashes, breaks, doc_start
+    weights, count = _word_weights(n), max(len(words) - n + 1, 0)
+    grams = np.zeros(count, dtype=np.uint64)
+    for k in range(n):
+        grams += words[k : k + count] * weights[k]
+    inside = word_doc[:count] == word_doc[n - 1 : n - 1 + count]  # the shingle's words are all of one document
+    grams, gram_doc = grams[inside], word_doc[:count][inside]
+    words_per_doc = np.bincount(word_doc, minlength=len(offsets) - 1)
+    short = np.flatnonzero((words_per_doc > 0) & (words_per_doc < n))
+    if len(short):  # one shingle of all its words
+        first, extra = np.searchsorted(word_doc, short), np.zeros(len(short), dtype=np.uint64)
+        for k in range(n - 1):
+            has = k < words_per_doc[short]
+            extra[has] += words[first[has] + k] * weights[k]
+        order = np.argsort(np.concatenate([gram_doc, short]), kind="stable")
+        grams, gram_doc = np.concatenate([grams, extra])[order], np.concatenate([gram_doc, short])[order]
+    counts = np.bincount(gram_doc, minlength=len(offsets) - 1)
+    return _mix64(grams), np.r_[0, np.cumsum(counts)].astype(np.uint64)
 
 
 def lsh_bands(threshold: float, num_perm: int) -> int:
@@ -67,18 +169,21 @@ def lsh_bands(threshold: float, num_perm: int) -> int:
     )
 
 
-def digest_matrix(engine: str, texts: list[str], shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
-    """MinHash signatures of `texts` as a (len(texts), num_perm) uint32 matrix."""
-    shingle_sets = [word_shingles(t, shingle_words) for t in texts]
-    if not texts:
+def digest_matrix(engine: str, texts: Sequence[str] | pa.Array, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures of `texts` (strings, or an Arrow string array) as a (len(texts), num_perm) uint32 matrix."""
+    if not len(texts):
         return np.zeros((0, num_perm), dtype=np.uint32)
+    hashes, offsets = shingle_hashes(texts, shingle_words)
     if engine == "rensa":
         from rensa import RMinHash
 
-        return np.array([m.digest() for m in RMinHash.from_token_sets(shingle_sets, num_perm=num_perm, seed=seed)], dtype=np.uint32)
+        return np.array(RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed).to_rows(), dtype=np.uint32)
     from datasketch import MinHash
 
-    minhashes = MinHash.bulk([[s.encode("utf-8", "surrogatepass") for s in ss] for ss in shingle_sets], num_perm=num_perm, seed=seed)
+    # datasketch permutes 32-bit hashes: the top half of each shingle hash, as its hash function's output.
+    values = (hashes >> np.uint64(32)).tolist()
+    bounds = offsets.astype(np.int64).tolist()
+    minhashes = MinHash.bulk([values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], num_perm=num_perm, seed=seed, hashfunc=int)
     return np.array([m.hashvalues for m in minhashes], dtype=np.uint32)  # datasketch's values are below 2**32
 
 
@@ -168,7 +273,7 @@ class DocIndex:
         return cls(
             keys=np.array([exact_key(t) for t in texts], dtype="S32"),
             sigs=np.zeros((0, 0), np.uint32),
-            has_shingles=np.array([bool(t.split()) for t in texts], dtype=bool),
+            has_shingles=np.array([has_words(t) for t in texts], dtype=bool),
             text_bytes=np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], dtype=np.int64),
         )
 
@@ -205,8 +310,7 @@ def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_word
     for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"]):
         rows = np.flatnonzero(wanted[start : start + batch.num_rows])
         if len(rows):
-            texts = batch.column("text").take(rows).to_pylist()
-            sigs[start + rows] = digest_matrix(engine, texts, shingle_words, num_perm, seed)
+            sigs[start + rows] = digest_matrix(engine, batch.column("text").take(rows), shingle_words, num_perm, seed)
         start += batch.num_rows
     return sigs
 
@@ -358,7 +462,7 @@ SIGNATURES_FILE, SIGNATURES_META = "minhash.npy", "minhash.json"  # in data/dedu
 
 def signature_settings(cfg: DedupConfig) -> dict[str, object]:
     """What makes two signature matrices comparable."""
-    return {"engine": cfg.engine, "num_perm": cfg.num_perm, "seed": cfg.seed, "shingle_words": cfg.shingle_words}
+    return {"engine": cfg.engine, "num_perm": cfg.num_perm, "seed": cfg.seed, "shingle_words": cfg.shingle_words, "shingles": SHINGLE_FORMAT}
 
 
 def load_signatures(dedup_dir: Path, cfg: DedupConfig, rows: int) -> np.ndarray | None:

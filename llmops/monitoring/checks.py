@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmops.common.errors import DataError
-from llmops.data.minhash import exact_key, near_duplicate_pairs, signatures
+from llmops.data.minhash import exact_key, has_words, near_duplicate_pairs, signatures
 from llmops.params.dedup import DedupConfig
 from llmops.params.monitor import MonitorConfig
 
@@ -81,7 +81,7 @@ def near_duplicate_share(cfg: DedupConfig, train_texts: list[str], batch_texts: 
     exact = {j for j, t in enumerate(batch_texts) if exact_key(t) in train_keys}
     texts = train_texts + batch_texts
     sigs = signatures(cfg, texts) if train_sigs is None else np.concatenate([np.asarray(train_sigs), signatures(cfg, batch_texts)])
-    pairs = near_duplicate_pairs(cfg, sigs, np.flatnonzero([bool(t.split()) for t in texts]))
+    pairs = near_duplicate_pairs(cfg, sigs, np.flatnonzero([has_words(t) for t in texts]))
     n = len(train_texts)
     near = {int(j) - n for i, j in pairs if i < n <= j}
     return len(exact | near) / len(batch_texts)

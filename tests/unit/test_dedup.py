@@ -177,3 +177,77 @@ def test_small_candidate_and_verification_chunks_give_the_same_duplicates(tmp_pa
     report = {r["id"]: (r["duplicate_of"], r["kind"], r["similarity"]) for r in read_records(tmp_path / "dups").to_pylist()}
     assert report == {ids[p]: (ids[k], kind, sim) for p, (k, kind, sim) in whole.items()}
     assert minhash.find_duplicates(cfg, texts) == whole and sum(kind == "near" for _, kind, _ in whole.values()) > PLANTED // 2
+
+
+def _ascii_word_shingles(text: str, n: int) -> set[bytes]:
+    """The shingles shingle_hashes hashes, as byte strings: words are runs of bytes that are not ASCII whitespace."""
+    import re
+
+    words = re.split(rb"[ \t\n\v\f\r]+", text.encode("utf-8", "surrogatepass").strip(b" \t\n\v\f\r"))
+    words = [w for w in words if w]
+    if len(words) < n:
+        return {b" ".join(words)} if words else set()
+    return {b" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def _per_doc(hashes, offsets):
+    return [set(hashes[int(a) : int(b)].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+@pytest.mark.parametrize("n", [1, 5, 12])
+def test_shingle_hashes_are_one_per_distinct_word_ngram_without_collisions(vocabulary, n):
+    rng = random.Random(5)
+    texts = [random_document(rng, vocabulary, rng.randint(0, 300)) for _ in range(60)]
+    texts += ["", "  \n\t ", "one", "two words", "é ü 漢字 \U0001f600 four", "a b c d e f", "x\x0by\x0cz\rw\nv"]
+    hashes, offsets = minhash.shingle_hashes(texts, n)
+    assert hashes.dtype.name == "uint64" and len(offsets) == len(texts) + 1 and offsets[-1] == len(hashes)
+    per_doc = _per_doc(hashes, offsets)
+    for text, got in zip(texts, per_doc):
+        assert len(got) == len(_ascii_word_shingles(text, n)), repr(text[:60])
+    # Across documents too: equal shingles hash equally, different ones differently.
+    all_shingles = set().union(*(_ascii_word_shingles(t, n) for t in texts))
+    assert len(set().union(*per_doc)) == len(all_shingles)
+
+
+def test_a_documents_shingle_hashes_do_not_depend_on_its_neighbours_or_the_input_form():
+    texts = ["alpha beta gamma delta epsilon zeta", "eta theta", "iota kappa lambda mu nu xi omicron pi", "  rho  "]
+    alone = [_per_doc(*minhash.shingle_hashes([t], 3))[0] for t in texts]
+    assert _per_doc(*minhash.shingle_hashes(texts, 3)) == alone
+    assert alone[1] and len(alone[1]) == 1 and len(alone[3]) == 1  # fewer words than a shingle: one shingle of them all
+    for array in (pa.array(texts), pa.array(texts, pa.large_string()), pa.array(["pad"] + texts).slice(1)):
+        assert _per_doc(*minhash.shingle_hashes(array, 3)) == alone
+    # Any run of ASCII whitespace separates words the same way; word order and content matter.
+    assert _per_doc(*minhash.shingle_hashes(["alpha\tbeta\n\n gamma\r\ndelta  epsilon zeta\n"], 3))[0] == alone[0]
+    swapped = _per_doc(*minhash.shingle_hashes(["beta alpha gamma delta epsilon zeta"], 3))[0]
+    assert len(swapped) == 4 and len(swapped & alone[0]) == 2  # only "gamma delta epsilon" and "delta epsilon zeta" remain
+    assert not _per_doc(*minhash.shingle_hashes(["", " \n "], 3))[0]
+
+
+def test_shingle_hashes_are_the_same_whatever_the_window_the_bytes_are_hashed_in(monkeypatch, vocabulary):
+    rng = random.Random(8)
+    texts = [random_document(rng, vocabulary, 200) for _ in range(20)]
+    whole = minhash.shingle_hashes(texts, 5)
+    monkeypatch.setattr(minhash, "WINDOW_BYTES", 64)  # many windows per document, each cut after whitespace
+    windowed = minhash.shingle_hashes(texts, 5)
+    assert all((a == b).all() for a, b in zip(whole, windowed))
+
+
+def test_signatures_saved_with_another_shingle_format_are_not_reused(tmp_path):
+    import json
+
+    import numpy as np
+
+    cfg = DedupConfig(workers=1)
+    np.save(tmp_path / minhash.SIGNATURES_FILE, np.zeros((3, cfg.num_perm), dtype=np.uint32))
+    meta = {**minhash.signature_settings(cfg), "rows": 3}
+    (tmp_path / minhash.SIGNATURES_META).write_text(json.dumps(meta))
+    assert minhash.load_signatures(tmp_path, cfg, 3) is not None
+    (tmp_path / minhash.SIGNATURES_META).write_text(json.dumps({**meta, "shingles": "strings"}))
+    assert minhash.load_signatures(tmp_path, cfg, 3) is None
+    (tmp_path / minhash.SIGNATURES_META).write_text(json.dumps({k: v for k, v in meta.items() if k != "shingles"}))
+    assert minhash.load_signatures(tmp_path, cfg, 3) is None
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t\n", "\x1c", "\u3000", "a", " a ", "\xa0b"])
+def test_has_words_is_whether_str_split_finds_a_word(text):
+    assert minhash.has_words(text) == bool(text.split())
