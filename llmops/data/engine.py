@@ -44,6 +44,8 @@ def imap_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int = 0
     if workers <= 1:
         yield from (fn(*job) for job in progress(jobs, desc=desc, unit="shard"))
         return
+    import pyarrow.compute  # noqa: F401  (imported once here, inherited by every forked worker: see _frozen_heap)
+
     with _frozen_heap(), ProcessPoolExecutor(max_workers=workers) as pool:
         yield from _windowed(lambda job: pool.submit(fn, *job), lambda future: future.result(), jobs, IN_FLIGHT_PER_WORKER * workers, desc)
 
@@ -56,7 +58,9 @@ def _frozen_heap() -> Iterator[None]:
     """gc.freeze() while a process pool forks and runs: the objects the driver holds (the imported libraries: in
     validate, with GX, about 200 MB the workers share) move to GC's permanent generation, so a worker's collections never write to them and the pages
     stay shared with the driver instead of being copied into every worker (copy-on-write). This is the fork recipe of
-    the gc module's docs. Measured with validate, whose workers fork from a driver that imported GX
+    the gc module's docs. The workers inherit the driver's modules too, which is why imap_jobs imports pyarrow.compute
+    before the pool forks: its first import builds a wrapper per compute function (0.3 s; `Array.take` and `filter`
+    import it), which each worker of each pool would otherwise pay. Measured with validate, whose workers fork from a driver that imported GX
     (benchmarks/bench_scale.py --corpora 300mb --synthetic-gb 5 --stages ingest,validate): peak PSS of the stage went
     from 582 MB (300 MB corpus) and 746 MB (5 GB) to 561 MB and 607 MB, because the workers no longer grow by ~60 MB
     each in their first full collections; dedup's time and memory at 5 GB were unchanged (192 s / 534 MB vs 200 s /

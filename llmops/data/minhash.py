@@ -310,7 +310,8 @@ def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_word
     for batch in pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"]):
         rows = np.flatnonzero(wanted[start : start + batch.num_rows])
         if len(rows):
-            sigs[start + rows] = digest_matrix(engine, batch.column("text").take(rows), shingle_words, num_perm, seed)
+            texts = batch.column("text") if len(rows) == batch.num_rows else batch.column("text").take(rows)
+            sigs[start + rows] = digest_matrix(engine, texts, shingle_words, num_perm, seed)
         start += batch.num_rows
     return sigs
 
