@@ -71,7 +71,7 @@ def _word_weights(n: int) -> np.ndarray:
 
 def _power_tables() -> tuple[np.ndarray, np.ndarray]:
     """_BASE**k and _BASE**-k modulo 2**64 for k in 0 .. WINDOW_BYTES (built once per process, 16 MB)."""
-    if not _powers:
+    if not _powers or len(_powers["up"]) < WINDOW_BYTES + 1:
         for name, base in (("up", _BASE), ("down", pow(_BASE, -1, 1 << 64))):
             steps = np.full(WINDOW_BYTES + 1, base, dtype=np.uint64)
             steps[0] = 1
@@ -101,9 +101,13 @@ def _word_hashes(data: np.ndarray, breaks: np.ndarray, doc_start: np.ndarray) ->
 def _utf8(texts: Sequence[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The texts' UTF-8 bytes, concatenated, and each text's (start, end) offsets (n + 1 int64), read from an Arrow
     string array's own buffers where given."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
     if not isinstance(texts, pa.Array):
         texts = pa.array([t.encode("utf-8", "surrogatepass") for t in texts], type=pa.large_binary())
-    elif texts.null_count:
+    elif not any(check(texts.type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
+        raise TypeError(f"texts of Arrow type {texts.type}: expected string, large_string, binary or large_binary")
+    if texts.null_count:
         raise ValueError("a text is null")
     large = pa.types.is_large_string(texts.type) or pa.types.is_large_binary(texts.type)
     _, offsets_buf, data_buf = texts.buffers()
@@ -123,9 +127,13 @@ def shingle_hashes(texts: Sequence[str] | pa.Array, n: int) -> tuple[np.ndarray,
     starts, hashes, lo = [], [], 0
     while lo < len(data):
         hi = min(lo + WINDOW_BYTES, len(data))
-        if hi < len(data):  # end the window after its last whitespace byte, so no word is cut (unless it is longer)
-            back = int(np.argmax(breaks[lo:hi][::-1]))  # bytes back from hi - 1 to the window's last whitespace byte
-            hi = hi - back if breaks[hi - 1 - back] else hi
+        if hi < len(data):
+            # End the window after its last whitespace byte or before its last document start, so no word is cut; a
+            # window with neither (a word longer than WINDOW_BYTES) is cut WINDOW_BYTES after the last cut in its own
+            # document, so the hashes of a document never depend on the documents beside it.
+            cut = breaks[lo:hi] | doc_start[lo + 1 : hi + 1]  # cut[i]: the window may end at lo + 1 + i
+            back = int(np.argmax(cut[::-1]))
+            hi = hi - back if cut[len(cut) - 1 - back] else hi
         s, h = _word_hashes(data[lo:hi], breaks[lo:hi], doc_start[lo:hi])
         starts.append(s + lo)
         hashes.append(h)

@@ -214,8 +214,11 @@ def test_a_documents_shingle_hashes_do_not_depend_on_its_neighbours_or_the_input
     alone = [_per_doc(*minhash.shingle_hashes([t], 3))[0] for t in texts]
     assert _per_doc(*minhash.shingle_hashes(texts, 3)) == alone
     assert alone[1] and len(alone[1]) == 1 and len(alone[3]) == 1  # fewer words than a shingle: one shingle of them all
-    for array in (pa.array(texts), pa.array(texts, pa.large_string()), pa.array(["pad"] + texts).slice(1)):
+    chunked = pa.chunked_array([texts[:2], texts[2:]])
+    for array in (pa.array(texts), pa.array(texts, pa.large_string()), pa.array(["pad"] + texts).slice(1), chunked):
         assert _per_doc(*minhash.shingle_hashes(array, 3)) == alone
+    with pytest.raises(TypeError, match="Arrow type int64"):
+        minhash.shingle_hashes(pa.array([1, 2]), 3)
     # Any run of ASCII whitespace separates words the same way; word order and content matter.
     assert _per_doc(*minhash.shingle_hashes(["alpha\tbeta\n\n gamma\r\ndelta  epsilon zeta\n"], 3))[0] == alone[0]
     swapped = _per_doc(*minhash.shingle_hashes(["beta alpha gamma delta epsilon zeta"], 3))[0]
@@ -230,6 +233,12 @@ def test_shingle_hashes_are_the_same_whatever_the_window_the_bytes_are_hashed_in
     monkeypatch.setattr(minhash, "WINDOW_BYTES", 64)  # many windows per document, each cut after whitespace
     windowed = minhash.shingle_hashes(texts, 5)
     assert all((a == b).all() for a, b in zip(whole, windowed))
+    # Words longer than a window (no whitespace: base64, minified code) are cut where their own document puts them.
+    blobs = [("ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 6)[:150], "ab cd", "Z" * 100 + " tail", "x" * 64]
+    alone = [_per_doc(*minhash.shingle_hashes([b], 1))[0] for b in blobs]
+    assert [len(h) for h in alone] == [3, 2, 3, 1]
+    assert _per_doc(*minhash.shingle_hashes(blobs, 1)) == alone
+    assert _per_doc(*minhash.shingle_hashes(blobs[::-1], 1)) == alone[::-1]
 
 
 def test_signatures_saved_with_another_shingle_format_are_not_reused(tmp_path):
