@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from llmops.common.io import release_free_memory
 from llmops.data.engine import imap_jobs, map_jobs
 from llmops.params.dedup import DedupConfig
 
@@ -56,7 +57,8 @@ def has_words(text: str) -> bool:
 # signature depends on this definition: SHINGLE_FORMAT names it in signature_settings, so signatures saved under
 # another one are never compared with these.
 SHINGLE_FORMAT = "word-ngram-hash64-v1"
-WINDOW_BYTES = 1 << 20  # bytes hashed at once (about 30 bytes of temporaries per byte); cut at whitespace
+WINDOW_BYTES = 1 << 18  # bytes hashed at once (about 30 bytes of temporaries per byte: 8 MB); cut at whitespace
+DIGEST_BATCH_BYTES = 4 << 20  # text shingled at once by digest_matrix (word and shingle arrays: about 13 bytes per byte)
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 _BASE = 0x100000001B3  # odd, so invertible modulo 2**64
@@ -70,7 +72,7 @@ def _word_weights(n: int) -> np.ndarray:
 
 
 def _power_tables() -> tuple[np.ndarray, np.ndarray]:
-    """_BASE**k and _BASE**-k modulo 2**64 for k in 0 .. WINDOW_BYTES (built once per process, 16 MB)."""
+    """_BASE**k and _BASE**-k modulo 2**64 for k in 0 .. WINDOW_BYTES (built once per process, 4 MB)."""
     if not _powers or len(_powers["up"]) < WINDOW_BYTES + 1:
         for name, base in (("up", _BASE), ("down", pow(_BASE, -1, 1 << 64))):
             steps = np.full(WINDOW_BYTES + 1, base, dtype=np.uint64)
@@ -98,14 +100,20 @@ def _word_hashes(data: np.ndarray, breaks: np.ndarray, doc_start: np.ndarray) ->
     return starts, _mix64((prefix[ends] - prefix[starts]) * down[starts] + (ends - starts).astype(np.uint64))
 
 
+def _as_arrow(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The texts as one Arrow array (strings encoded as UTF-8, lone surrogates kept, as large_binary)."""
+    if isinstance(texts, pa.ChunkedArray):
+        return texts.combine_chunks()
+    if isinstance(texts, pa.Array):
+        return texts
+    return pa.array([t.encode("utf-8", "surrogatepass") for t in texts], type=pa.large_binary())
+
+
 def _utf8(texts: Sequence[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The texts' UTF-8 bytes, concatenated, and each text's (start, end) offsets (n + 1 int64), read from an Arrow
     string array's own buffers where given."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    if not isinstance(texts, pa.Array):
-        texts = pa.array([t.encode("utf-8", "surrogatepass") for t in texts], type=pa.large_binary())
-    elif not any(check(texts.type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
+    texts = _as_arrow(texts)
+    if not any(check(texts.type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)):
         raise TypeError(f"texts of Arrow type {texts.type}: expected string, large_string, binary or large_binary")
     if texts.null_count:
         raise ValueError("a text is null")
@@ -178,10 +186,24 @@ def lsh_bands(threshold: float, num_perm: int) -> int:
 
 
 def digest_matrix(engine: str, texts: Sequence[str] | pa.Array, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
-    """MinHash signatures of `texts` (strings, or an Arrow string array) as a (len(texts), num_perm) uint32 matrix."""
+    """MinHash signatures of `texts` (strings, or an Arrow string array) as a (len(texts), num_perm) uint32 matrix,
+    hashed DIGEST_BATCH_BYTES of text at a time: the word and shingle arrays take about 13 bytes per byte of text, so
+    they follow that bound (or one document, at most validate.max_chars), not how long the given documents are."""
+    out = np.zeros((len(texts), num_perm), dtype=np.uint32)
     if not len(texts):
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    hashes, offsets = shingle_hashes(texts, shingle_words)
+        return out
+    texts = _as_arrow(texts)
+    _, offsets = _utf8(texts)
+    start = 0
+    while start < len(texts):
+        stop = max(start + 1, int(np.searchsorted(offsets, offsets[start] + DIGEST_BATCH_BYTES, side="right")) - 1)
+        out[start:stop] = _digest(engine, *shingle_hashes(texts.slice(start, stop - start), shingle_words), num_perm, seed)
+        start = stop
+    return out
+
+
+def _digest(engine: str, hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures from the flat shingle hashes of documents and each one's (start, end) in them."""
     if engine == "rensa":
         from rensa import RMinHash
 
@@ -306,7 +328,9 @@ def _shard_keys(shard: Path) -> DocIndex:
     import pyarrow.parquet as pq
 
     batches = pq.ParquetFile(shard).iter_batches(batch_size=SHARD_BATCH_DOCS, columns=["text"])
-    return DocIndex.concat([DocIndex.keyed(b.column("text").to_pylist()) for b in batches])
+    keyed = DocIndex.concat([DocIndex.keyed(b.column("text").to_pylist()) for b in batches])
+    release_free_memory()  # what the shard's text took, given back before the worker's next job (see _shard_signatures)
+    return keyed
 
 
 def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_words: int, num_perm: int, seed: int) -> np.ndarray:
@@ -321,6 +345,10 @@ def _shard_signatures(shard: Path, wanted: np.ndarray, engine: str, shingle_word
             texts = batch.column("text") if len(rows) == batch.num_rows else batch.column("text").take(rows)
             sigs[start + rows] = digest_matrix(engine, texts, shingle_words, num_perm, seed)
         start += batch.num_rows
+    # A job's own allocations peak near 10 MB (tracemalloc) besides the shard's Arrow buffers, but glibc's heap and
+    # Arrow's pool kept ~90 MB freed per worker after a few shards, and more the more shards a worker had done: at
+    # 5 GB that retained memory, not the work, made the stage's peak. Given back at the end of every job.
+    release_free_memory()
     return sigs
 
 

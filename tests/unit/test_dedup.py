@@ -260,3 +260,14 @@ def test_signatures_saved_with_another_shingle_format_are_not_reused(tmp_path):
 @pytest.mark.parametrize("text", ["", " ", "\t\n", "\x1c", "\u3000", "a", " a ", "\xa0b"])
 def test_has_words_is_whether_str_split_finds_a_word(text):
     assert minhash.has_words(text) == bool(text.split())
+
+
+@pytest.mark.parametrize("engine", ["rensa", "datasketch"])
+def test_signatures_are_the_same_whatever_the_text_shingled_at_once(monkeypatch, planted_corpus, engine):
+    texts, _ = planted_corpus
+    texts = texts[:40] + ["", "short", " ".join(texts[40:46])]  # the last one longer than a batch: alone
+    whole = minhash.digest_matrix(engine, texts, 5, 64, 1)
+    monkeypatch.setattr(minhash, "DIGEST_BATCH_BYTES", 12_000)  # about 4 documents at a time, the long one alone
+    assert (minhash.digest_matrix(engine, texts, 5, 64, 1) == whole).all()
+    assert (minhash.digest_matrix(engine, pa.array(texts), 5, 64, 1) == whole).all()
+    assert whole.shape == (len(texts), 64) and len({row.tobytes() for row in whole}) == len(texts)
