@@ -10,7 +10,10 @@ with ours (rensa, workers=0): |A∩B|, only-in-ours, only-in-other over the remo
 Then it plants near duplicates: 50 documents (>= 100 words, fixed seed) are copied with 3% of
 their words replaced at random, appended to the corpus, and each engine runs again. Recall =
 share of planted pairs where the copy (or its original) is removed; precision = share of the
-run's new removals (vs the unplanted run) that are planted copies or their originals.
+run's new removals (vs the unplanted run) that are planted copies or their originals. The planted
+pairs' true Jaccard sits near the threshold, so one seed's recall is a draw: `--seeds N` also
+reports the share of pairs whose signatures estimate a Jaccard at or above it over N MinHash
+seeds, with our shingle hashes and with rensa's hashing of string shingles (seed_sweep).
 
 Engines:
   ours rensa w0 / w1, ours datasketch w0  tasks.dedup.run in a fresh process of this script, as a stage runs
@@ -36,6 +39,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench_dedup.py
     .venv/bin/python benchmarks/bench_dedup.py --input data/validated --textdedup-python /tmp/peervenv/bin/python
+    .venv/bin/python benchmarks/bench_dedup.py --input DIR --repeat 3 --seeds 40   # median of 3 rounds; 40-seed sweep
 
 A peer whose interpreter is missing is reported as skipped. Prints a markdown table and writes
 benchmarks/results/dedup.json (gitignored).
@@ -129,6 +133,28 @@ def true_jaccard(a: str, b: str, n: int) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
+def seed_sweep(originals: list[str], copies: list[str], cfg, seeds: int) -> dict:
+    """How often each planted pair's signatures estimate a Jaccard at or above the threshold, over `seeds` MinHash
+    seeds: with our shingles (hashed in numpy, minhash.digest_matrix) and with rensa's own hashing of Python string
+    shingles (RMinHash.from_token_sets, as the bare run). One seed's recall is a draw from this distribution (the
+    pairs' true Jaccard sits near the threshold), so this, not one seed, shows whether a shingling change moved it."""
+    import numpy as np
+    from rensa import RMinHash
+
+    def strings(texts: list[str], seed: int) -> np.ndarray:
+        sets = [word_shingles(t, cfg.shingle_words) for t in texts]
+        return np.array([m.digest() for m in RMinHash.from_token_sets(sets, num_perm=cfg.num_perm, seed=seed)], dtype=np.uint32)
+
+    def ours(texts: list[str], seed: int) -> np.ndarray:
+        return minhash.digest_matrix("rensa", texts, cfg.shingle_words, cfg.num_perm, seed)
+
+    out = {}
+    for name, sign in (("hashed shingles (ours)", ours), ("string shingles (rensa's hashing)", strings)):
+        rates = np.array([((sign(originals, s) == sign(copies, s)).mean(axis=1) >= cfg.threshold).mean() for s in range(1, seeds + 1)])
+        out[name] = {"mean": float(rates.mean()), "sd": float(rates.std()), "min": float(rates.min()), "max": float(rates.max())}
+    return out
+
+
 def export_for_peers(table: pa.Table, out: Path, shards: int) -> Path:
     """id = row position (so every engine's answer maps back to the same rows), text; split in `shards`
     files because datatrove parallelises by input file."""
@@ -215,6 +241,7 @@ def main() -> None:
     ap.add_argument("--textdedup-python", default="/tmp/peervenv/bin/python")
     ap.add_argument("--datatrove-python", default="/tmp/dtvenv/bin/python")
     ap.add_argument("--peer-timeout", type=int, default=900)
+    ap.add_argument("--seeds", type=int, default=20, help="MinHash seeds of the planted-pair sweep (seed_sweep); 0 = none")
     ap.add_argument("--repeat", type=int, default=1, help="timed rounds over every engine (the median is reported); the planted run is done once")
     ap.add_argument("--out", default=str(RESULTS / "dedup.json"))
     ap.add_argument("--run-one", choices=["ours", "bare"], help=argparse.SUPPRESS)  # internal: run_isolated's child
@@ -239,6 +266,7 @@ def main() -> None:
     base_texts = base.column("text").to_pylist()
     planted_texts = planted.column("text").to_pylist()
     pair_jaccard = [true_jaccard(base_texts[o], planted_texts[c], base_cfg.shingle_words) for o, c in zip(originals, copies)]
+    sweep = seed_sweep([base_texts[o] for o in originals], [planted_texts[c] for c in copies], base_cfg, args.seeds) if args.seeds else {}
     inputs = {}
     for name, table in (("base", base), ("planted", planted)):
         write_records(work / name / "records", table, shard_max_bytes=base_cfg.shard_max_bytes)
@@ -338,7 +366,8 @@ def main() -> None:
         "planted": {"docs": PLANTED_DOCS, "word_fraction_changed": PLANTED_FRACTION, "seed": PLANT_SEED, "min_words": PLANTED_MIN_WORDS,
                     "original_positions": originals,
                     "true_jaccard_ours_shingles": {"min": min(pair_jaccard), "median": sorted(pair_jaccard)[len(pair_jaccard) // 2],
-                                                   "max": max(pair_jaccard), "pairs_at_or_above_threshold": sum(j >= base_cfg.threshold for j in pair_jaccard)}},
+                                                   "max": max(pair_jaccard), "pairs_at_or_above_threshold": sum(j >= base_cfg.threshold for j in pair_jaccard)},
+                    "estimated_jaccard_at_threshold_over_seeds": {"seeds": args.seeds, **sweep}},
         "env": {"python": platform.python_version(), "cpu_count": cpus, "rensa": getattr(rensa, "__version__", "?"), "datasketch": datasketch.__version__},
         "notes": notes,
         "engines": results,
@@ -351,7 +380,10 @@ def main() -> None:
     print(f"\nInput: {inputs['base']['docs']:,} docs, {inputs['base']['bytes'] / 1e6:.1f} MB; threshold {base_cfg.threshold}, "
           f"word {base_cfg.shingle_words}-grams, {base_cfg.num_perm} perms = {bands} bands x {rows} rows; {cpus} CPUs")
     print(f"Planted: {PLANTED_DOCS} copies with {PLANTED_FRACTION:.0%} of words replaced; true 5-gram Jaccard to the original "
-          f"min {pj['min']:.3f} / median {pj['median']:.3f} / max {pj['max']:.3f}, {pj['pairs_at_or_above_threshold']} of {PLANTED_DOCS} >= {base_cfg.threshold}\n")
+          f"min {pj['min']:.3f} / median {pj['median']:.3f} / max {pj['max']:.3f}, {pj['pairs_at_or_above_threshold']} of {PLANTED_DOCS} >= {base_cfg.threshold}")
+    for name, r in sweep.items():
+        print(f"Planted pairs estimated at >= {base_cfg.threshold} over seeds 1..{args.seeds}, {name}: mean {r['mean']:.3f}, sd {r['sd']:.3f}, min {r['min']:.2f}, max {r['max']:.2f}")
+    print()
     print("| engine | seconds | MB/s | removed | both | only ours | only this | planted recall | planted precision | recall (true J>=0.7) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
